@@ -1,0 +1,1 @@
+"""Command line: parses and dispatches only; the work lives in the stage packages."""

@@ -1,0 +1,120 @@
+"""`esc-evolve` command line. Each command parses its options and calls one function of a stage package."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from esc_evolve.errors import EscEvolveError
+
+app = typer.Typer(
+    help="Self-evolution of LLMs into personalised emotional supporters (Ye et al., 2025).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+config_app = typer.Typer(help="Inspect configs.", no_args_is_help=True)
+data_app = typer.Typer(help="Inspect emotional-support data.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+app.add_typer(data_app, name="data")
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def user_errors(command: Callable[..., None]) -> Callable[..., None]:
+    """User errors (bad config, bad data, unknown backbone) become one message and exit code 2."""
+
+    @functools.wraps(command)
+    def wrapper(*args: object, **kwargs: object) -> None:
+        try:
+            command(*args, **kwargs)
+        except EscEvolveError as exc:
+            err_console.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+SetOption = typer.Option(
+    None, "--set", "-s", help="Override a config value, e.g. --set sft.learning_rate=1e-4 (repeatable)."
+)
+
+
+@config_app.command("show")
+@user_errors
+def config_show(
+    config: Path | None = typer.Argument(None, help="YAML config; omit to see the defaults."),
+    overrides: list[str] | None = SetOption,
+) -> None:
+    """Print the resolved config (file + extends + --set + defaults), validated."""
+    from esc_evolve.config import dump_config, load_config
+
+    console.print(dump_config(load_config(config, overrides)), markup=False, highlight=False)
+
+
+@data_app.command("stats")
+@user_errors
+def data_stats(
+    path: str = typer.Argument(..., help="Data file, builtin:train|valid|all, or hf:REPO[:SPLIT]."),
+    skip_invalid: bool = typer.Option(
+        False, "--skip-invalid", help="Skip malformed records, report a count."
+    ),
+    context_window: int = typer.Option(10, help="Merged turns of context per sample (for the sample count)."),
+) -> None:
+    """Counts of conversations, turns, strategies, emotions, problems and lengths."""
+    from esc_evolve.cli.render import print_stats
+
+    print_stats(console, path, skip_invalid=skip_invalid, context_window=context_window)
+
+
+@data_app.command("preview")
+@user_errors
+def data_preview(
+    path: str = typer.Argument(..., help="Data file, builtin:train|valid|all, or hf:REPO[:SPLIT]."),
+    n: int = typer.Option(3, "--n", help="How many samples to show."),
+    config: Path | None = typer.Option(
+        None, "--config", "-c", help="Take model and data settings from here."
+    ),
+    overrides: list[str] | None = SetOption,
+    skip_invalid: bool = typer.Option(False, "--skip-invalid"),
+) -> None:
+    """Show turn-level samples exactly as the model sees them (rendered with its chat template)."""
+    from esc_evolve.cli.render import print_preview
+    from esc_evolve.config import load_config
+
+    cfg = load_config(config, overrides)
+    print_preview(console, path, n, cfg, skip_invalid=skip_invalid or cfg.data.skip_invalid)
+
+
+@app.command("run")
+@user_errors
+def run(
+    config: Path = typer.Argument(..., help="YAML config, e.g. configs/quickstart.yaml."),
+    overrides: list[str] | None = SetOption,
+    resume: bool = typer.Option(False, "--resume", help="Continue an existing run directory."),
+) -> None:
+    """Run the pipeline: prepare data and backbone, then the stages that have landed."""
+    from esc_evolve.config import load_config
+    from esc_evolve.pipeline import run_pipeline
+
+    run_dir = run_pipeline(load_config(config, overrides), resume=resume)
+    console.print(f"[green]done[/green]: {run_dir}")
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        err_console.print("interrupted; rerun with --resume to continue where it stopped")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,297 @@
+"""Typed configuration: one pydantic model per stage, composed into `ExperimentConfig`.
+
+A config file is YAML. It may name a parent with `extends: other.yaml` (relative to the file), so that
+paper configs read as short lists of overrides of one default. Unknown keys are errors, reported with the
+key's dotted path, the file, and the closest valid spelling.
+
+Defaults that differ from the libraries we build on (transformers, trl) are said in the field descriptions.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from esc_evolve.errors import ConfigError
+
+DEFAULT_SYSTEM_PROMPT = (
+    "You are a warm, attentive emotional supporter talking with someone who is going through a hard time. "
+    "Listen closely, infer how they feel and what they need from what they say, and reply in a few natural "
+    "sentences that fit this particular person. Never encourage self-harm; if someone may be in danger, "
+    "gently urge them to contact local emergency services or a crisis line."
+)
+
+
+class StrictModel(BaseModel):
+    """Base for every config section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(StrictModel):
+    """Where conversations come from and how turn-level samples are cut from them."""
+
+    train_path: str = Field(
+        "builtin:train",
+        description="A file (ESConv .jsonl, raw ESConv.json/FailedESConv.json, MultiESC .jsonl), "
+        "'builtin:train' / 'builtin:valid' / 'builtin:all' for the packaged sample conversations, "
+        "or 'hf:thu-coai/esconv:train' for the Hugging Face hub (needs network).",
+    )
+    valid_path: str | None = Field("builtin:valid", description="Same forms as train_path; used for eval.")
+    format: Literal["auto", "esconv", "esconv_raw", "multiesc"] = Field(
+        "auto", description="File format; 'auto' detects it from the first record."
+    )
+    context_window: int = Field(
+        10, ge=0, description="Merged turns of history kept before each supporter turn (0 = all)."
+    )
+    max_conversations: int | None = Field(None, ge=1, description="Use only the first N conversations.")
+    skip_invalid: bool = Field(
+        False, description="Skip malformed records (and log a count) instead of stopping with an error."
+    )
+    system_prompt: str = Field(DEFAULT_SYSTEM_PROMPT, description="System message of every chat prompt.")
+
+
+class ModelConfig(StrictModel):
+    """The backbone: an alias (default `smollm2-135m-instruct`), a Hugging Face id, or a local folder."""
+
+    name: str = "smollm2-135m-instruct"
+    revision: str | None = None
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field(
+        "auto", description="'auto' = cuda if available, else mps, else cpu."
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="'auto' = float32 on CPU (bf16 is emulated and slow there), bfloat16 on GPUs that "
+        "support it, float16 otherwise.",
+    )
+    cache_dir: str | None = Field(
+        None, description="Where converted backbones live; default $ESC_EVOLVE_CACHE or ~/.cache/esc-evolve."
+    )
+    trust_remote_code: bool = False
+    attn_implementation: str | None = Field(None, description="e.g. 'sdpa', 'flash_attention_2'.")
+
+
+class GenerationConfig(StrictModel):
+    """Decoding settings shared by evolve, evaluation and chat."""
+
+    backend: Literal["transformers", "vllm", "openai"] = "transformers"
+    batch_size: int = Field(16, ge=1)
+    max_new_tokens: int = Field(96, ge=1)
+    temperature: float = Field(0.0, ge=0.0, description="0 = greedy decoding.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    repetition_penalty: float = Field(1.0, gt=0.0)
+
+
+class LoraSettings(StrictModel):
+    """peft LoraConfig fields. `target_modules: null` lets peft pick the backbone family's default."""
+
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] | str | None = "all-linear"
+
+
+class SFTConfig(StrictModel):
+    """Phase 1, experience acquisition: LoRA SFT on ESC turns (gives M0).
+
+    Differs from trl's SFTConfig defaults: bf16 and gradient checkpointing are decided per device
+    (`null` = off on CPU, on for capable GPUs), because on CPU bf16 is emulated and checkpointing only costs.
+    """
+
+    learning_rate: float = Field(2e-4, gt=0)
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int = Field(-1, description="-1 = run the epochs; otherwise stop after this many steps.")
+    per_device_batch_size: int = Field(4, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    max_seq_length: int = Field(512, ge=16)
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    lora: LoraSettings = LoraSettings()
+    bf16: bool | None = None
+    gradient_checkpointing: bool | None = None
+    replay_path: str | None = Field(None, description="Chat-format JSON-lines of general instruction data.")
+    replay_ratio: float = Field(0.0, ge=0.0, le=1.0, description="Share of replay samples in the mix.")
+    eval_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="Held-out slice for eval loss.")
+    max_train_samples: int | None = Field(None, ge=1)
+    logging_steps: int = Field(5, ge=1)
+    save_steps: int = Field(50, ge=1)
+    merge_adapter: bool = Field(False, description="Also save M0 with the adapter merged into the weights.")
+
+
+class ReflectionFilters(StrictModel):
+    """Which self-refined pairs are kept for DPO."""
+
+    min_edit_ratio: float = Field(
+        0.15, ge=0.0, le=1.0, description="Minimum normalised edit distance between y and y'."
+    )
+    max_length_ratio: float = Field(2.5, ge=1.0, description="Longer side / shorter side, in words.")
+    max_repetition: float = Field(
+        0.5, ge=0.0, le=1.0, description="Max share of repeated word 3-grams in the chosen side."
+    )
+
+
+class EvolveConfig(StrictModel):
+    """Phase 2, self-improvement: reflect, refine, build pairs, iterate."""
+
+    iterations: int = Field(2, ge=0)
+    contexts_per_iteration: int = Field(64, ge=1)
+    principles_path: str | None = Field(None, description="Override of the packaged principles file.")
+    new_contexts_each_iteration: bool = True
+    reflection_max_new_tokens: int = Field(48, ge=1)
+    filters: ReflectionFilters = ReflectionFilters()
+
+
+class DPOConfig(StrictModel):
+    """DPO of M_t on its own pairs (gives M_{t+1}); the reference model is M_t."""
+
+    beta: float = Field(0.1, gt=0)
+    loss_type: Literal["sigmoid", "ipo", "robust", "hinge", "exo_pair", "bco_pair", "apo_zero"] = "sigmoid"
+    rpo_alpha: float | None = Field(None, ge=0, description="Weight of an NLL term on the chosen side (RPO).")
+    length_normalize: bool = Field(False, description="Average log-probs over tokens (counters length bias).")
+    learning_rate: float = Field(5e-5, gt=0)
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int = -1
+    per_device_batch_size: int = Field(2, ge=1)
+    gradient_accumulation_steps: int = Field(2, ge=1)
+    max_length: int = Field(512, ge=16)
+    lora: LoraSettings = LoraSettings()
+    bf16: bool | None = None
+    gradient_checkpointing: bool | None = None
+
+
+class EvalConfig(StrictModel):
+    """Evaluation on turn-level contexts of a split."""
+
+    split_path: str | None = Field(None, description="Defaults to data.valid_path.")
+    max_contexts: int | None = Field(200, ge=1)
+    models: list[str] = Field(default_factory=lambda: ["base", "m0", "m1", "m2", "human"])
+    metrics: list[str] = Field(
+        default_factory=lambda: ["bleu", "rouge_l", "distinct", "length", "strategy", "personalisation"]
+    )
+    judge_backend: Literal["none", "local", "openai"] = "none"
+    judge_url: str | None = None
+    judge_model: str | None = None
+    bootstrap_samples: int = Field(1000, ge=100)
+
+
+class RunConfig(StrictModel):
+    """Where a run lives and how it is seeded."""
+
+    name: str = "quickstart"
+    output_dir: str = "runs"
+    seed: int = 42
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+class ExperimentConfig(StrictModel):
+    """The whole pipeline: data -> model -> SFT -> evolve x N (DPO) -> eval."""
+
+    run: RunConfig = RunConfig()
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    generation: GenerationConfig = GenerationConfig()
+    sft: SFTConfig = SFTConfig()
+    evolve: EvolveConfig = EvolveConfig()
+    dpo: DPOConfig = DPOConfig()
+    eval: EvalConfig = EvalConfig()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read a YAML config (following `extends:`), apply `key.path=value` overrides, validate."""
+    raw: dict[str, Any] = _read_yaml_chain(Path(path)) if path else {}
+    for item in overrides or []:
+        _apply_override(raw, item)
+    return validate_config(raw, source=str(path) if path else "<defaults>")
+
+
+def validate_config(raw: dict[str, Any], source: str) -> ExperimentConfig:
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_explain(exc, source)) from None
+
+
+def dump_config(config: ExperimentConfig) -> str:
+    """The resolved config as YAML (every field, defaults included)."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+def _read_yaml_chain(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    path = path.expanduser()
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: 'extends' forms a cycle")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (run, data, model, ...)")
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    base = _read_yaml_chain(path.parent / parent, (*seen, path.resolve()))
+    return _deep_merge(base, data)
+
+
+def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    """Apply `sft.learning_rate=1e-4`; the value is parsed as YAML (numbers, booleans, lists, null)."""
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set expects KEY=VALUE (e.g. sft.learning_rate=1e-4), got {item!r}")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        value = text
+    parts = key.strip().split(".")
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {key}: '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _explain(exc: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid config"]
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden":
+            lines.append(f"  unknown key '{loc}'{_suggest(err['loc'])}")
+        else:
+            lines.append(f"  {loc}: {err['msg']} (got {err.get('input')!r})")
+    return "\n".join(lines)
+
+
+def _suggest(loc: tuple[Any, ...]) -> str:
+    """Find the closest valid key in the section that holds the unknown one."""
+    model: type[BaseModel] = ExperimentConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return ""
+        model = annotation
+    close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else f" (valid keys: {', '.join(model.model_fields)})"

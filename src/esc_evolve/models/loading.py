@@ -1,0 +1,79 @@
+"""Load a backbone (and optionally a LoRA adapter) on the right device with the right dtype."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from esc_evolve.config import ModelConfig
+from esc_evolve.errors import BackboneError
+from esc_evolve.models.backbone import resolve_backbone
+
+log = logging.getLogger(__name__)
+
+
+def select_device(requested: str = "auto") -> torch.device:
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise BackboneError("model.device is 'cuda' but no CUDA device is available")
+    return torch.device(requested)
+
+
+def select_dtype(requested: str, device: torch.device) -> torch.dtype:
+    """fp32 on CPU (bf16 is emulated there and ~10x slower); bf16 on GPUs that have it, else fp16."""
+    if requested != "auto":
+        return getattr(torch, requested)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def load_tokenizer(config: ModelConfig) -> Any:
+    from transformers import AutoTokenizer
+
+    source = resolve_backbone(config.name, config.cache_dir)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            source, revision=config.revision, trust_remote_code=config.trust_remote_code
+        )
+    except OSError as exc:
+        raise BackboneError(f"cannot load the tokenizer of {config.name!r} ({source}): {exc}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(config: ModelConfig, adapter: str | Path | None = None) -> tuple[Any, Any]:
+    """Return (model, tokenizer) in eval mode on the selected device; `adapter` is a peft folder."""
+    from transformers import AutoModelForCausalLM
+
+    device = select_device(config.device)
+    dtype = select_dtype(config.dtype, device)
+    source = resolve_backbone(config.name, config.cache_dir)
+    tokenizer = load_tokenizer(config)
+    extra = {"attn_implementation": config.attn_implementation} if config.attn_implementation else {}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source,
+            revision=config.revision,
+            dtype=dtype,
+            trust_remote_code=config.trust_remote_code,
+            **extra,
+        )
+    except OSError as exc:
+        raise BackboneError(f"cannot load {config.name!r} ({source}): {exc}") from None
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter))
+    model.to(device).eval()
+    log.info("loaded %s on %s as %s", config.name, device, dtype)
+    return model, tokenizer

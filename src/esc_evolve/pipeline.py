@@ -52,9 +52,7 @@ def prepare(run: RunDir) -> dict[str, Any]:
     for split, source in splits.items():
         if source is None:
             continue
-        loaded = load_conversations(
-            source, skip_invalid=cfg.data.skip_invalid, limit=cfg.data.max_conversations
-        )
+        loaded = load_conversations(source, skip_invalid=cfg.data.skip_invalid, limit=cfg.data.max_conversations)
         samples = build_turn_samples(loaded.conversations, cfg.data.context_window)
         summary[split] = {
             "source": source,
@@ -75,9 +73,7 @@ def prepare(run: RunDir) -> dict[str, Any]:
     prompt = render_prompt(tokenizer, build_messages(samples[0].context, cfg.data.system_prompt))
     inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(model.device)
     with torch.no_grad():
-        output = model.generate(
-            **inputs, max_new_tokens=32, do_sample=False, pad_token_id=tokenizer.pad_token_id
-        )
+        output = model.generate(**inputs, max_new_tokens=32, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     reply = tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
     summary["backbone"] = {
         "name": cfg.model.name,

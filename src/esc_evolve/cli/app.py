@@ -63,9 +63,7 @@ def config_show(
 @user_errors
 def data_stats(
     path: str = typer.Argument(..., help="Data file, builtin:train|valid|all, or hf:REPO[:SPLIT]."),
-    skip_invalid: bool = typer.Option(
-        False, "--skip-invalid", help="Skip malformed records, report a count."
-    ),
+    skip_invalid: bool = typer.Option(False, "--skip-invalid", help="Skip malformed records, report a count."),
     context_window: int = typer.Option(10, help="Merged turns of context per sample (for the sample count)."),
 ) -> None:
     """Counts of conversations, turns, strategies, emotions, problems and lengths."""
@@ -79,9 +77,7 @@ def data_stats(
 def data_preview(
     path: str = typer.Argument(..., help="Data file, builtin:train|valid|all, or hf:REPO[:SPLIT]."),
     n: int = typer.Option(3, "--n", help="How many samples to show."),
-    config: Path | None = typer.Option(
-        None, "--config", "-c", help="Take model and data settings from here."
-    ),
+    config: Path | None = typer.Option(None, "--config", "-c", help="Take model and data settings from here."),
     overrides: list[str] | None = SetOption,
     skip_invalid: bool = typer.Option(False, "--skip-invalid"),
 ) -> None:

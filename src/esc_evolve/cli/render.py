@@ -59,9 +59,7 @@ def _counter_table(name: str, counts: Counter[str], total: int) -> Table:
     return table
 
 
-def print_preview(
-    console: Console, path: str, n: int, config: ExperimentConfig, *, skip_invalid: bool
-) -> None:
+def print_preview(console: Console, path: str, n: int, config: ExperimentConfig, *, skip_invalid: bool) -> None:
     from esc_evolve.models import load_tokenizer
 
     loaded = load_conversations(path, skip_invalid=skip_invalid)

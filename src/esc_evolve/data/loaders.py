@@ -53,9 +53,7 @@ class RecordError(ValueError):
         super().__init__(f"field '{field_path}': {message}")
 
 
-def load_conversations(
-    source: str | Path, *, skip_invalid: bool = False, limit: int | None = None
-) -> LoadResult:
+def load_conversations(source: str | Path, *, skip_invalid: bool = False, limit: int | None = None) -> LoadResult:
     """Read every conversation of `source` (see the module docstring for the accepted forms)."""
     source = str(source)
     records = _records(source)
@@ -192,9 +190,7 @@ def _records(source: str) -> Iterator[tuple[str, Any]]:
         return _hub_records(source.removeprefix("hf:"))
     path = Path(source).expanduser()
     if not path.is_file():
-        raise DataFormatError(
-            f"{source}: no such file (expected a .jsonl/.json file, builtin:NAME or hf:REPO)"
-        )
+        raise DataFormatError(f"{source}: no such file (expected a .jsonl/.json file, builtin:NAME or hf:REPO)")
     return _file_records(path)
 
 

@@ -24,9 +24,7 @@ def render_prompt(tokenizer: Any, messages: list[dict[str, str]], add_generation
     """Apply the tokenizer's chat template; for templates without a system role (e.g. early Mistral),
     fold the system message into the first user message."""
     try:
-        return tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     except Exception:
         if not messages or messages[0]["role"] != "system" or len(messages) < 2:
             raise

@@ -1,0 +1,89 @@
+"""Shared fixtures: the read-only corpus in ../shared/data (skipped when absent) and a tiny local model."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+# Tests never reach a model hub: everything they load is built locally or shipped in a package.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("ESC_EVOLVE_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not (SHARED_DATA / "esconv" / "train.jsonl").is_file():
+        pytest.skip(f"ESConv files not found under {SHARED_DATA} (set ESC_EVOLVE_SHARED_DATA to run these tests)")
+    return SHARED_DATA
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def make_record(**overrides) -> dict:
+    """A small conversation in the ESConv split format (text written for the tests)."""
+    record = {
+        "experience_type": "Current Experience",
+        "emotion_type": "Anxiety",
+        "problem_type": "Job Crisis",
+        "situation": "My contract ends next month and nobody has said whether it will be renewed.",
+        "survey_score": {
+            "seeker": {
+                "initial_emotion_intensity": "4",
+                "empathy": "5",
+                "relevance": "4",
+                "final_emotion_intensity": "2",
+            },
+            "supporter": {"relevance": "5"},
+        },
+        "dialog": [
+            {"text": "Hello there.", "speaker": "sys", "strategy": "Others"},
+            {"text": "hi, I am stressed about work", "speaker": "usr"},
+            {"text": "my contract might not be renewed", "speaker": "usr"},
+            {"text": "That sounds stressful.", "speaker": "sys", "strategy": "Reflection of feelings"},
+            {"text": "When will you know?", "speaker": "sys", "strategy": "Questions"},
+            {"text": "in three weeks", "speaker": "usr"},
+            {"text": "Could you ask your manager before then?", "speaker": "sys", "strategy": "Providing Suggestions"},
+        ],
+    }
+    record.update(overrides)
+    return record
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A randomly initialised 2-layer Llama with the default backbone's tokenizer: fast, fully local."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from esc_evolve.config import ModelConfig
+    from esc_evolve.models import load_tokenizer
+
+    tokenizer = load_tokenizer(ModelConfig())
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    import torch
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out

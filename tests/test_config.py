@@ -1,0 +1,83 @@
+from pathlib import Path
+
+import pytest
+
+from esc_evolve.config import ExperimentConfig, dump_config, load_config
+from esc_evolve.errors import ConfigError
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.mark.parametrize("name", ["quickstart.yaml", "esconv-cpu.yaml"])
+def test_shipped_configs_validate(name: str) -> None:
+    config = load_config(CONFIGS / name)
+    assert isinstance(config, ExperimentConfig)
+    assert config.model.device == "cpu"
+
+
+def test_extends_merges_sections(tmp_path: Path) -> None:
+    (tmp_path / "base.yaml").write_text("sft:\n  learning_rate: 0.001\n  epochs: 3\nrun:\n  seed: 7\n")
+    (tmp_path / "child.yaml").write_text("extends: base.yaml\nsft:\n  epochs: 1\n")
+    config = load_config(tmp_path / "child.yaml")
+    assert config.sft.learning_rate == 0.001  # kept from the parent
+    assert config.sft.epochs == 1  # overridden by the child
+    assert config.run.seed == 7
+
+
+def test_misspelled_key_is_named_with_file_and_suggestion(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("sft:\n  learnig_rate: 0.001\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    message = str(err.value)
+    assert "sft.learnig_rate" in message
+    assert str(path) in message
+    assert "did you mean 'learning_rate'" in message
+
+
+def test_unknown_section_is_rejected(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("trainer:\n  lr: 1\n")
+    with pytest.raises(ConfigError, match="unknown key 'trainer'"):
+        load_config(path)
+
+
+def test_wrong_type_names_the_field(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("sft:\n  epochs: many\n")
+    with pytest.raises(ConfigError, match=r"sft\.epochs"):
+        load_config(path)
+
+
+def test_set_overrides_yaml_with_typed_values() -> None:
+    config = load_config(
+        CONFIGS / "quickstart.yaml",
+        ["sft.learning_rate=1e-4", "sft.lora.target_modules=[q_proj, v_proj]", "data.valid_path=null"],
+    )
+    assert config.sft.learning_rate == pytest.approx(1e-4)
+    assert config.sft.lora.target_modules == ["q_proj", "v_proj"]
+    assert config.data.valid_path is None
+
+
+def test_set_with_unknown_key_or_bad_syntax_fails() -> None:
+    with pytest.raises(ConfigError, match="sft.learnig_rate"):
+        load_config(None, ["sft.learnig_rate=1"])
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        load_config(None, ["sft.learning_rate"])
+
+
+def test_missing_and_malformed_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "broken.yaml"
+    bad.write_text("sft: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_dump_round_trips() -> None:
+    import yaml
+
+    config = load_config(CONFIGS / "esconv-cpu.yaml")
+    again = ExperimentConfig.model_validate(yaml.safe_load(dump_config(config)))
+    assert again == config

@@ -1,0 +1,1 @@
+"""Phase 2, self-improvement: principles, reflection, refinement, preference pairs, the evolve loop."""

@@ -1,0 +1,93 @@
+"""Which (y', y) pairs train DPO. Each check returns a reason string, or None when it passes.
+
+A degenerate *chosen* side (empty, looping, cut off, out of role) drops the pair; a degenerate *rejected* side
+is kept and counted, since it is exactly what DPO should push down.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+
+from esc_evolve.config import ReflectionFilters
+
+# Signs that a reply talks about the conversation, or as someone else, instead of to the person.
+_OUT_OF_ROLE = re.compile(
+    r"<\|im_(start|end)\|>|^\s*(user|assistant|system|person|seeker|supporter)\s*:"
+    r"|\bthe (seeker|user|supporter)\b|\bthis (story|dialogue|transcript)\b|\bas an ai\b",
+    re.IGNORECASE | re.MULTILINE,
+)
+_TERMINAL = (".", "!", "?", '"', ")", "…")
+
+
+@dataclass
+class PairDecision:
+    keep: bool
+    reasons: list[str] = field(default_factory=list)
+    rejected_degenerate: str | None = None
+
+
+def degenerate_reason(text: str, finish_reason: str | None, max_repetition: float) -> str | None:
+    """Why a reply is unusable as a supporter turn, or None."""
+    stripped = text.strip()
+    if not stripped:
+        return "empty"
+    if _OUT_OF_ROLE.search(stripped):
+        return "out_of_role"
+    if repetition_rate(stripped) > max_repetition or _repeats_a_sentence(stripped):
+        return "repetitive"
+    if finish_reason == "length" and not stripped.endswith(_TERMINAL):
+        return "cut_off"
+    return None
+
+
+def repetition_rate(text: str, n: int = 3) -> float:
+    """Share of word n-grams that repeat an earlier one (0 = none, near 1 = one phrase looped)."""
+    words = re.findall(r"\w+", text.lower())
+    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+    if not grams:
+        return 0.0
+    counts = Counter(grams)
+    return sum(c - 1 for c in counts.values()) / len(grams)
+
+
+def edit_ratio(a: str, b: str) -> float:
+    """Word-level normalised edit distance in [0, 1] (difflib's matching-blocks ratio, on words)."""
+    return 1.0 - difflib.SequenceMatcher(a=a.lower().split(), b=b.lower().split(), autojunk=False).ratio()
+
+
+def length_ratio(a: str, b: str) -> float:
+    la, lb = max(len(a.split()), 1), max(len(b.split()), 1)
+    return max(la, lb) / min(la, lb)
+
+
+def decide_pair(
+    chosen: str,
+    rejected: str,
+    *,
+    reflection_parsed: bool,
+    chosen_finish: str | None,
+    rejected_finish: str | None,
+    filters: ReflectionFilters,
+) -> PairDecision:
+    reasons = []
+    if not reflection_parsed:
+        reasons.append("reflection_unparsed")
+    chosen_problem = degenerate_reason(chosen, chosen_finish, filters.max_repetition)
+    if chosen_problem:
+        reasons.append(f"chosen_{chosen_problem}")
+    rejected_problem = degenerate_reason(rejected, rejected_finish, filters.max_repetition)
+    if not chosen_problem:
+        if edit_ratio(chosen, rejected) < filters.min_edit_ratio:
+            reasons.append("too_similar")
+        # A looping rejected side is long by construction; the length bound would drop the very pairs we want.
+        if not rejected_problem and length_ratio(chosen, rejected) > filters.max_length_ratio:
+            reasons.append("length_ratio")
+    return PairDecision(keep=not reasons, reasons=reasons, rejected_degenerate=rejected_problem)
+
+
+def _repeats_a_sentence(text: str) -> bool:
+    sentences = [s.strip().lower() for s in re.split(r"(?<=[.!?])\s+", text) if len(s.split()) >= 3]
+    return len(sentences) != len(set(sentences))

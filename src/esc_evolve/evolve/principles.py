@@ -1,0 +1,67 @@
+"""The human-written principles that guide reflection and refinement (a versioned, editable YAML file)."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from esc_evolve.errors import ConfigError
+
+PACKAGED = "principles.yaml"
+
+
+class ReflectionField(BaseModel):
+    """One thing to infer about the seeker, generated on its own after `prefix`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    question: str
+    prefix: str
+    options: dict[str, list[str]] | None = Field(None, description="label -> cue words for the parser")
+    max_new_tokens: int = Field(24, ge=1)
+    needs_draft: bool = Field(False, description="Shown the draft reply y (the critique is).")
+    required: bool = Field(True, description="The reflection counts as parsed only if this field parsed.")
+
+
+class Guidelines(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    do: list[str]
+    avoid: list[str]
+
+
+class Principles(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    version: int | str
+    name: str
+    reflection_fields: list[ReflectionField] = Field(min_length=1)
+    guidelines: Guidelines
+
+    def guidelines_text(self) -> str:
+        lines = ["Good support:"] + [f"- {item}" for item in self.guidelines.do]
+        lines += ["Avoid:"] + [f"- {item}" for item in self.guidelines.avoid]
+        return "\n".join(lines)
+
+    def field(self, name: str) -> ReflectionField | None:
+        return next((f for f in self.reflection_fields if f.name == name), None)
+
+
+def load_principles(path: str | Path | None = None) -> Principles:
+    """The packaged principles, or a user's file given by `evolve.principles_path`."""
+    if path is None:
+        text = resources.files("esc_evolve.evolve").joinpath(PACKAGED).read_text(encoding="utf-8")
+        source = f"<package>/{PACKAGED}"
+    else:
+        file = Path(path).expanduser()
+        if not file.is_file():
+            raise ConfigError(f"principles file not found: {file}")
+        text, source = file.read_text(encoding="utf-8"), str(file)
+    try:
+        return Principles.model_validate(yaml.safe_load(text))
+    except (yaml.YAMLError, ValidationError) as exc:
+        raise ConfigError(f"{source}: invalid principles file: {exc}") from None

@@ -11,6 +11,7 @@ import torch
 from esc_evolve.config import ModelConfig
 from esc_evolve.errors import BackboneError
 from esc_evolve.models.backbone import resolve_backbone
+from esc_evolve.models.lineage import adapter_chain, apply_chain
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +52,21 @@ def load_tokenizer(config: ModelConfig) -> Any:
     return tokenizer
 
 
-def load_model(config: ModelConfig, adapter: str | Path | None = None) -> tuple[Any, Any]:
-    """Return (model, tokenizer) in eval mode on the selected device; `adapter` is a peft folder."""
+def load_model(config: ModelConfig, adapter: str | Path | None = None, merge: bool = False) -> tuple[Any, Any]:
+    """Return (model, tokenizer) in eval mode on the selected device.
+
+    `adapter` is a LoRA folder; if it was written by esc-evolve (M1, M2, ...), its parent adapters are merged in
+    first and its recorded base model is used. `merge` also merges the last adapter (faster inference, and the
+    starting point for training the next adapter).
+    """
     from transformers import AutoModelForCausalLM
 
+    chain: list[Path] = []
+    if adapter is not None:
+        base, chain = adapter_chain(adapter)
+        if base and base != config.name:
+            log.info("adapter %s was trained on %s; loading that base instead of %s", adapter, base, config.name)
+            config = config.model_copy(update={"name": base})
     device = select_device(config.device)
     dtype = select_dtype(config.dtype, device)
     source = resolve_backbone(config.name, config.cache_dir)
@@ -70,10 +82,8 @@ def load_model(config: ModelConfig, adapter: str | Path | None = None) -> tuple[
         )
     except OSError as exc:
         raise BackboneError(f"cannot load {config.name!r} ({source}): {exc}") from None
-    if adapter is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(adapter))
+    if chain:
+        model = apply_chain(model, chain, merge_last=merge)
     model.to(device).eval()
     log.info("loaded %s on %s as %s", config.name, device, dtype)
     return model, tokenizer

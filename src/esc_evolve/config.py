@@ -165,18 +165,58 @@ class DPOConfig(StrictModel):
 
 
 class EvalConfig(StrictModel):
-    """Evaluation on turn-level contexts of a split."""
+    """Evaluation on turn-level contexts of a split (see docs/evaluation.md for every metric's definition)."""
 
     split_path: str | None = Field(None, description="Defaults to data.valid_path.")
     max_contexts: int | None = Field(200, ge=1)
     models: list[str] = Field(default_factory=lambda: ["base", "m0", "m1", "m2", "human"])
     metrics: list[str] = Field(
-        default_factory=lambda: ["bleu", "rouge_l", "distinct", "length", "strategy", "personalisation"]
+        default_factory=lambda: [
+            "bleu",
+            "rouge_l",
+            "distinct",
+            "length",
+            "strategy",
+            "personalisation",
+            "reflection",
+            "unhelpful_proxy",
+            "judge",
+        ]
     )
     judge_backend: Literal["none", "local", "openai"] = "none"
     judge_url: str | None = None
     judge_model: str | None = None
-    bootstrap_samples: int = Field(1000, ge=100)
+    judge_pairs: list[tuple[str, str]] | None = Field(
+        None, description="(A, B) pairs for the pairwise judge; None = each model vs its predecessor, last vs first."
+    )
+    judge_max_contexts: int | None = Field(None, ge=1, description="Judge only the first N contexts (cost).")
+    bootstrap_samples: int = Field(1000, ge=10, description="Paired bootstrap resamples.")
+    bootstrap_unit: Literal["context", "conversation"] = Field(
+        "context",
+        description="Resample contexts (i.i.d.) or whole conversations (cluster bootstrap: wider, more honest "
+        "CIs when several contexts come from one conversation).",
+    )
+    ci_level: float = Field(0.95, gt=0.5, lt=1.0)
+    situation_distractors: int = Field(9, ge=1, description="K other seekers' situations per context.")
+    bias_pseudo_count: float = Field(
+        0.1, ge=0.0, description="Added to every off-diagonal confusion cell before the Bradley-Terry fit."
+    )
+    unhelpful_threshold: int = Field(2, ge=1, le=4, description="Judge helpfulness <= this counts as unhelpful.")
+    offtopic_threshold: float = Field(
+        0.1, description="Cosine(response, last 3 context turns) below this = off-topic (judge-free proxy)."
+    )
+    repetition_threshold: float = Field(0.5, ge=0.0, le=1.0, description="Repeated word 3-gram share = loop.")
+    headline: tuple[str, str] | None = Field(
+        None, description="The comparison stated first in the report; None = last model vs m0 (or the first)."
+    )
+    n_examples: int = Field(6, ge=0, description="Contexts shown side by side in the report.")
+    cache_dir: str | None = Field(None, description="Embeddings and classifier cache; default model.cache_dir.")
+    strategy_train_path: str | None = Field(
+        None, description="Labelled ESC data for the strategy classifier; default data.train_path."
+    )
+    strategy_valid_path: str | None = Field(
+        None, description="Held-out labelled data for its accuracy; default data.valid_path."
+    )
 
 
 class RunConfig(StrictModel):

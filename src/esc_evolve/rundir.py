@@ -23,6 +23,9 @@ from typing import Any
 from esc_evolve.config import ExperimentConfig, dump_config, validate_config
 from esc_evolve.errors import ConfigError
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 TRACKED_PACKAGES = (
     "esc-evolve",
     "torch",
@@ -106,6 +109,7 @@ def write_atomic(path: Path, text: str) -> None:
     """Write via a temporary file and rename, so a reader never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; results should read like any other file
     with os.fdopen(fd, "w", encoding="utf-8") as handle:
         handle.write(text)
         handle.flush()

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import functools
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 
-from esc_evolve.errors import EscEvolveError
+from esc_evolve.cli.common import SetOption, console, err_console, user_errors
 
 app = typer.Typer(
     help="Self-evolution of LLMs into personalised emotional supporters (Ye et al., 2025).",
@@ -23,28 +19,6 @@ config_app = typer.Typer(help="Inspect configs.", no_args_is_help=True)
 data_app = typer.Typer(help="Inspect emotional-support data.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 app.add_typer(data_app, name="data")
-
-console = Console()
-err_console = Console(stderr=True)
-
-
-def user_errors(command: Callable[..., None]) -> Callable[..., None]:
-    """User errors (bad config, bad data, unknown backbone) become one message and exit code 2."""
-
-    @functools.wraps(command)
-    def wrapper(*args: object, **kwargs: object) -> None:
-        try:
-            command(*args, **kwargs)
-        except EscEvolveError as exc:
-            err_console.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False)
-            raise typer.Exit(2) from None
-
-    return wrapper
-
-
-SetOption = typer.Option(
-    None, "--set", "-s", help="Override a config value, e.g. --set sft.learning_rate=1e-4 (repeatable)."
-)
 
 
 @config_app.command("show")
@@ -102,6 +76,16 @@ def run(
 
     run_dir = run_pipeline(load_config(config, overrides), resume=resume)
     console.print(f"[green]done[/green]: {run_dir}")
+
+
+def _register_stage_commands() -> None:
+    """Commands of the stage packages, each in its own module (imported here, after the shared helpers)."""
+    from esc_evolve.cli import eval_cmd
+
+    eval_cmd.register(app)
+
+
+_register_stage_commands()
 
 
 def main() -> None:

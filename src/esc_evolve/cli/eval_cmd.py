@@ -1,0 +1,121 @@
+"""`esc-evolve eval-responses` and `esc-evolve human-eval export|import`: evaluate already generated responses."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from esc_evolve.cli.common import SetOption, console, user_errors
+
+human_app = typer.Typer(help="Blinded A/B human evaluation: export sheets, import filled ones.", no_args_is_help=True)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("eval-responses")(eval_responses)
+    app.add_typer(human_app, name="human-eval")
+
+
+def _pairs(values: list[str] | None) -> list[tuple[str, str]] | None:
+    if not values:
+        return None
+    pairs = []
+    for value in values:
+        a, sep, b = value.partition(":")
+        if not sep or not a or not b:
+            raise typer.BadParameter(f"expected A:B (e.g. m2:m0), got {value!r}")
+        pairs.append((a.strip(), b.strip()))
+    return pairs
+
+
+def _load_table(responses: Path, data: str | None, context_window: int, models: list[str] | None, human: bool):
+    from esc_evolve.data import build_turn_samples, load_conversations
+    from esc_evolve.evaluation.responses import read_responses, samples_by_id
+
+    samples = None
+    if data:
+        samples = samples_by_id(build_turn_samples(load_conversations(data).conversations, context_window))
+    return read_responses(responses, samples=samples, include_human=human, models=models)
+
+
+@user_errors
+def eval_responses(
+    responses: Path = typer.Argument(..., help="responses.jsonl: one row per (sample_id, model)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder (report.md, report.html, metrics.json)."),
+    config: Path | None = typer.Option(None, "--config", "-c", help="Take eval and data settings from here."),
+    overrides: list[str] | None = SetOption,
+    data: str | None = typer.Option(None, help="Data split to resolve rows that carry no 'sample'."),
+    model: list[str] | None = typer.Option(None, "--model", help="Models to compare, in order (repeatable)."),
+    human: bool = typer.Option(True, "--human/--no-human", help="Add the human reference as a model."),
+) -> None:
+    """Evaluate generated responses: reference metrics, strategy behaviour, personalisation, CIs, report.
+
+    Every evaluation setting is in the config's `eval` section: change it with e.g.
+    `--set eval.metrics=[bleu,distinct] --set eval.bootstrap_unit=conversation`.
+    """
+    from esc_evolve.config import load_config
+    from esc_evolve.evaluation.evaluate import evaluate
+    from esc_evolve.evaluation.report import write_report
+    from esc_evolve.evaluation.settings import EvaluationSettings
+
+    cfg = load_config(config, overrides)
+    settings = EvaluationSettings.from_eval_config(
+        cfg.eval,
+        seed=cfg.run.seed,
+        strategy_train_path=cfg.eval.strategy_train_path or cfg.data.train_path,
+        strategy_valid_path=cfg.eval.strategy_valid_path or cfg.data.valid_path,
+        cache_dir=cfg.eval.cache_dir or cfg.model.cache_dir,
+    )
+    table = _load_table(responses, data, cfg.data.context_window, model, human)
+    result = evaluate(table, settings, out_dir=out)
+    if cfg.eval.judge_backend != "none":
+        result.notes.append(
+            f"judge_backend={cfg.eval.judge_backend}: judge backends are not wired into this command "
+            "yet; call evaluation.evaluate(..., judge=callable) from Python."
+        )
+    provenance = {"responses_file": str(responses), "config": cfg.eval.model_dump(mode="json")}
+    paths = write_report(result, table, out, provenance)
+    console.print(f"[green]evaluated[/green] {len(table)} contexts x {len(table.models)} models -> {paths['html']}")
+    for note in result.notes:
+        console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
+
+
+@human_app.command("export")
+@user_errors
+def human_export(
+    responses: Path = typer.Argument(..., help="responses.jsonl"),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for sheet.csv, form.html, key.json."),
+    pair: list[str] = typer.Option(..., "--pair", "-p", help="A:B models to compare (repeatable), e.g. m2:m0."),
+    n: int = typer.Option(50, "--n", help="Contexts per pair."),
+    seed: int = typer.Option(42, help="Shuffling seed."),
+    criterion: list[str] | None = typer.Option(None, "--criterion", help="Rating criteria (repeatable)."),
+    data: str | None = typer.Option(None, help="Data split to resolve rows that carry no 'sample'."),
+    context_window: int = typer.Option(10, help="Merged turns of context (with --data)."),
+) -> None:
+    """Blinded A/B sheets for human raters (CSV + static HTML form) and the hidden key."""
+    from esc_evolve.evaluation.human import DEFAULT_CRITERIA, export_sheets
+
+    table = _load_table(responses, data, context_window, None, True)
+    paths = export_sheets(table, _pairs(pair) or [], out, n, seed, tuple(criterion or DEFAULT_CRITERIA))
+    console.print(
+        f"[green]exported[/green] {paths['sheet.csv']} and {paths['form.html']}; keep {paths['key.json']} "
+        "away from the raters"
+    )
+
+
+@human_app.command("import")
+@user_errors
+def human_import(
+    key: Path = typer.Argument(..., help="key.json written by `human-eval export`."),
+    sheets: list[Path] = typer.Argument(..., help="Filled CSVs, one per rater."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for human_eval.json and human_eval.md."),
+) -> None:
+    """Unblind filled sheets: win rates per pair and criterion, inter-rater agreement (Cohen / Fleiss kappa)."""
+    from esc_evolve.evaluation.human import import_ratings, render_human_report
+    from esc_evolve.rundir import write_atomic, write_json_atomic
+
+    result = import_ratings(key, sheets)
+    write_json_atomic(out / "human_eval.json", result)
+    text = render_human_report(result)
+    write_atomic(out / "human_eval.md", text)
+    console.print(text, markup=False, highlight=False)

@@ -1,0 +1,52 @@
+"""`esc-evolve sft CONFIG`: phase 1 alone (LoRA SFT -> RUN/m0), resumable, data-parallel under accelerate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from esc_evolve.cli.app import SetOption, console, user_errors
+
+
+def register(app: typer.Typer) -> None:
+    app.command("sft")(sft)
+
+
+@user_errors
+def sft(
+    config: Path = typer.Argument(..., help="YAML config, e.g. configs/esconv-cpu.yaml."),
+    overrides: list[str] | None = SetOption,
+    resume: bool = typer.Option(
+        False, "--resume", help="Reopen the run directory and continue from its newest SFT checkpoint."
+    ),
+) -> None:
+    """LoRA SFT of the backbone on ESC turns (experience acquisition): writes RUN/m0 and its train summary.
+
+    Data-parallel: `accelerate launch --config_file configs/accelerate/<file>.yaml $(which esc-evolve) sft ...`.
+    """
+    from transformers import set_seed
+
+    from esc_evolve.config import load_config
+    from esc_evolve.logging_setup import setup_logging
+    from esc_evolve.rundir import RunDir
+    from esc_evolve.training.settings import process_state
+    from esc_evolve.training.sft import STAGE, sft_stage
+
+    cfg = load_config(config, overrides)
+    state = process_state(cfg)
+    # The main process creates (or checks) the run directory; the others reopen the one it made.
+    with state.main_process_first():
+        run = RunDir.create(cfg, resume=resume or not state.is_main_process)
+    setup_logging(cfg.run.log_level if state.is_main_process else "WARNING", run.log_file)
+    set_seed(cfg.run.seed)
+    if run.stage_done(STAGE):
+        console.print(f"[green]already done[/green]: {run.path / 'm0'} (stage '{STAGE}' in stages.json)")
+        return
+    summary = sft_stage(run)
+    if state.is_main_process:
+        run.mark_done(STAGE, summary)
+        console.print(
+            f"[green]done[/green]: {run.path / 'm0'}  eval loss {summary['eval_loss']} "
+            f"(untrained backbone {summary['base_eval_loss']}), {summary['tokens_per_second']} tokens/s"
+        )

@@ -1,0 +1,109 @@
+"""LLM-judge metrics: pointwise rubric scores (1-5) per model, the judge's unhelpful rate, and pairwise win rates.
+
+Unhelpful (judge) = helpfulness <= `unhelpful_threshold` (default 2: "little help" or worse on the rubric).
+Pairwise: each (A, B) pair is judged in both orders; per context, A's score is the mean over the orders that
+parsed of 1 (A preferred), 0.5 (tie), 0 (B preferred). Contexts where neither order parsed are excluded and
+counted. `position_consistency` = share of contexts whose two orders agree (a judge with position bias disagrees).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import numpy as np
+
+from esc_evolve.evaluation.judge import (
+    DIMENSIONS,
+    PAIRWISE_PROMPT,
+    POINTWISE_PROMPT,
+    JudgeRecord,
+    judge_pairwise,
+    judge_pointwise,
+    load_prompt,
+)
+from esc_evolve.evaluation.registry import MetricOutput, ModelScores, SubMetric, register_metric
+from esc_evolve.evaluation.resources import EvalContext
+from esc_evolve.evaluation.responses import HUMAN
+from esc_evolve.rundir import write_atomic
+
+SUBMETRICS = [
+    *(SubMetric(f"judge_{d}", f"LLM judge {d} (1-5)", digits=2) for d in DIMENSIONS),
+    SubMetric("unhelpful_judge", "share the judge rates helpfulness <= threshold", False, True),
+]
+
+
+@register_metric("judge")
+def judge_metric(ctx: EvalContext) -> MetricOutput:
+    if ctx.judge is None:
+        ctx.notes.append("LLM judge skipped: no judge backend given.")
+        return MetricOutput([], {})
+    n = (
+        len(ctx.table)
+        if ctx.settings.judge_max_contexts is None
+        else min(len(ctx.table), ctx.settings.judge_max_contexts)
+    )
+    records: list[JudgeRecord] = []
+    scores = {model: _pointwise(ctx, model, n, records) for model in ctx.table.models}
+    pairwise, consistency = {}, {}
+    for a, b in judge_pairs(ctx.table.models, ctx.settings.judge_pairs):
+        pairwise[(a, b)], consistency[f"{a} vs {b}"] = _pairwise(ctx, a, b, n, records)
+    if ctx.out_dir is not None:
+        lines = [json.dumps(r.to_json(), ensure_ascii=False) for r in records]
+        write_atomic(ctx.out_dir / "judge_records.jsonl", "\n".join(lines) + "\n")
+    status = Counter((r.kind, r.status) for r in records)
+    info = {
+        "judged_contexts": n,
+        "prompts": {p: load_prompt(p).sha256 for p in (POINTWISE_PROMPT, PAIRWISE_PROMPT)},
+        "calls": len(records),
+        "status_counts": {f"{kind}:{st}": c for (kind, st), c in sorted(status.items())},
+        "position_consistency": consistency,
+        "unhelpful_threshold": ctx.settings.unhelpful_threshold,
+    }
+    return MetricOutput(SUBMETRICS, scores, info, pairwise)
+
+
+def judge_pairs(models: list[str], pairs: list[tuple[str, str]] | None) -> list[tuple[str, str]]:
+    """Default: each generated model vs its predecessor, and the last vs the first (e.g. m2 vs m0 if present)."""
+    if pairs is not None:
+        unknown = {m for pair in pairs for m in pair} - set(models)
+        if unknown:
+            raise ValueError(f"judge_pairs name unknown model(s): {', '.join(sorted(unknown))}")
+        return [tuple(p) for p in pairs]
+    generated = [m for m in models if m != HUMAN]
+    chosen = [(generated[i], generated[i - 1]) for i in range(1, len(generated))]
+    last, first = generated[-1] if generated else None, "m0" if "m0" in generated else (generated or [None])[0]
+    if last and first and last != first and (last, first) not in chosen:
+        chosen.append((last, first))
+    return chosen
+
+
+def _pointwise(ctx: EvalContext, model: str, n: int, records: list[JudgeRecord]) -> ModelScores:
+    values = {f"judge_{d}": np.full(len(ctx.table), np.nan) for d in DIMENSIONS}
+    for i in range(n):
+        record = judge_pointwise(ctx.judge, ctx.table.samples[i], model, ctx.table.responses[model][i])
+        records.append(record)
+        for dim, score in record.parsed.items():
+            values[f"judge_{dim}"][i] = score
+    helpful = values["judge_helpfulness"]
+    unhelpful = np.where(np.isnan(helpful), np.nan, (helpful <= ctx.settings.unhelpful_threshold).astype(float))
+    return ModelScores(per_context={**values, "unhelpful_judge": unhelpful})
+
+
+def _pairwise(ctx: EvalContext, a: str, b: str, n: int, records: list[JudgeRecord]) -> tuple[np.ndarray, float]:
+    scores = np.full(len(ctx.table), np.nan)
+    agree, both = 0, 0
+    for i in range(n):
+        sample = ctx.table.samples[i]
+        ra, rb = (a, ctx.table.responses[a][i]), (b, ctx.table.responses[b][i])
+        first, second = judge_pairwise(ctx.judge, sample, ra, rb), judge_pairwise(ctx.judge, sample, rb, ra)
+        records += [first, second]
+        s1 = {"A": 1.0, "B": 0.0, "tie": 0.5}.get(first.parsed.get("winner"))
+        s2 = {"A": 0.0, "B": 1.0, "tie": 0.5}.get(second.parsed.get("winner"))
+        got = [s for s in (s1, s2) if s is not None]
+        if got:
+            scores[i] = float(np.mean(got))
+        if len(got) == 2:
+            both += 1
+            agree += s1 == s2
+    return scores, (agree / both if both else float("nan"))

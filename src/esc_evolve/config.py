@@ -65,8 +65,8 @@ class ModelConfig(StrictModel):
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto",
-        description="'auto' = float32 on CPU (bf16 is emulated and slow there), bfloat16 on GPUs that "
-        "support it, float16 otherwise.",
+        description="'auto' = float32 for inference on CPU, bfloat16 on GPUs that support it, float16 on other "
+        "GPUs. Training on a CPU with native bf16 (AVX512-BF16/AMX) loads the frozen backbone in bf16 (see sft).",
     )
     cache_dir: str | None = Field(
         None, description="Where converted backbones live; default $ESC_EVOLVE_CACHE or ~/.cache/esc-evolve."
@@ -91,15 +91,17 @@ class LoraSettings(StrictModel):
 
     r: int = Field(16, ge=1)
     alpha: int = Field(32, ge=1)
-    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="peft's default; dropout costs ~25% of a CPU step.")
     target_modules: list[str] | str | None = "all-linear"
 
 
 class SFTConfig(StrictModel):
     """Phase 1, experience acquisition: LoRA SFT on ESC turns (gives M0).
 
-    Differs from trl's SFTConfig defaults: bf16 and gradient checkpointing are decided per device
-    (`null` = off on CPU, on for capable GPUs), because on CPU bf16 is emulated and checkpointing only costs.
+    Differs from trl's SFTConfig defaults: bf16 and gradient checkpointing are decided per device (`null` =
+    auto): bf16 on GPUs that support it and on CPUs with native bf16 (AVX512-BF16/AMX), fp32 on other CPUs,
+    where bf16 is emulated and slow; gradient checkpointing on GPUs only (on CPU it only recomputes).
+    Batches are grouped by length (less padding). See docs/sft.md for the measurements behind these choices.
     """
 
     learning_rate: float = Field(2e-4, gt=0)
@@ -116,8 +118,18 @@ class SFTConfig(StrictModel):
     gradient_checkpointing: bool | None = None
     replay_path: str | None = Field(None, description="Chat-format JSON-lines of general instruction data.")
     replay_ratio: float = Field(0.0, ge=0.0, le=1.0, description="Share of replay samples in the mix.")
-    eval_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="Held-out slice for eval loss.")
+    eval_fraction: float = Field(
+        0.05,
+        ge=0.0,
+        lt=1.0,
+        description="Held-out share of train for the eval loss; only when data.valid_path is null.",
+    )
     max_train_samples: int | None = Field(None, ge=1)
+    max_eval_samples: int | None = Field(64, ge=1, description="Cap of the eval slice (seeded random); null = all.")
+    group_by_length: bool = Field(True, description="Batch samples of similar length (less padding).")
+    num_threads: int | None = Field(
+        None, ge=1, description="torch CPU threads per process; null = torch default. On a shared CPU, 1 can be faster."
+    )
     logging_steps: int = Field(5, ge=1)
     save_steps: int = Field(50, ge=1)
     merge_adapter: bool = Field(False, description="Also save M0 with the adapter merged into the weights.")
@@ -147,12 +159,22 @@ class EvolveConfig(StrictModel):
 
 
 class DPOConfig(StrictModel):
-    """DPO of M_t on its own pairs (gives M_{t+1}); the reference model is M_t."""
+    """DPO of M_t on its own pairs (gives M_{t+1}); the reference model is M_t.
+
+    Differs from trl's DPOConfig defaults: learning rate 5e-5 (trl: 1e-6, meant for full fine-tuning; a fresh
+    LoRA adapter needs more), bf16 and gradient checkpointing per device as in `sft`.
+    DPO rewards length; two documented counters: `loss_type: sigmoid_norm` (log-probs averaged over tokens)
+    and `ld_alpha` (LD-DPO: down-weights the tokens of the longer response beyond the shared length).
+    """
 
     beta: float = Field(0.1, gt=0)
-    loss_type: Literal["sigmoid", "ipo", "robust", "hinge", "exo_pair", "bco_pair", "apo_zero"] = "sigmoid"
+    loss_type: Literal["sigmoid", "sigmoid_norm", "ipo", "robust", "hinge", "exo_pair", "bco_pair", "apo_zero"] = (
+        "sigmoid"
+    )
     rpo_alpha: float | None = Field(None, ge=0, description="Weight of an NLL term on the chosen side (RPO).")
-    length_normalize: bool = Field(False, description="Average log-probs over tokens (counters length bias).")
+    ld_alpha: float | None = Field(
+        None, ge=0.0, le=1.0, description="LD-DPO length control: weight of tokens past the shorter response."
+    )
     learning_rate: float = Field(5e-5, gt=0)
     epochs: float = Field(1.0, gt=0)
     max_steps: int = -1
@@ -162,6 +184,8 @@ class DPOConfig(StrictModel):
     lora: LoraSettings = LoraSettings()
     bf16: bool | None = None
     gradient_checkpointing: bool | None = None
+    logging_steps: int = Field(2, ge=1)
+    save_steps: int = Field(20, ge=1)
 
 
 class EvalConfig(StrictModel):

@@ -88,4 +88,10 @@ def prepare(run: RunDir) -> dict[str, Any]:
     return summary
 
 
-STAGES = [("prepare", prepare)]
+def _sft(run: RunDir) -> dict[str, Any]:
+    from esc_evolve.training import sft_stage
+
+    return sft_stage(run)
+
+
+STAGES = [("prepare", prepare), ("sft", _sft)]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from esc_evolve.cli.app import SetOption, console, user_errors
+from esc_evolve.cli.common import SetOption, console, user_errors
 
 
 def register(app: typer.Typer) -> None:

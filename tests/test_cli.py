@@ -61,19 +61,30 @@ def test_data_preview_renders_chat_template(tiny_model_dir: Path) -> None:
 
 
 def test_run_prepares_and_resumes(tmp_path: Path, tiny_model_dir: Path) -> None:
-    args = [
-        "run",
-        str(CONFIGS / "quickstart.yaml"),
-        "--set",
+    """The whole pipeline on a tiny random model: every stage runs and records itself; a rerun redoes nothing."""
+    overrides = [
         f"run.output_dir={tmp_path}",
-        "--set",
         f"model.name={tiny_model_dir}",
+        "sft.max_steps=2",
+        "sft.max_eval_samples=4",
+        "evolve.iterations=1",
+        "evolve.contexts_per_iteration=4",
+        "dpo.max_steps=2",
+        "eval.max_contexts=6",
+        "eval.bootstrap_samples=20",
+        "generation.max_new_tokens=8",
     ]
+    args = ["run", str(CONFIGS / "quickstart.yaml")] + [arg for o in overrides for arg in ("--set", o)]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     run_dir = tmp_path / "quickstart"
     stages = json.loads((run_dir / "stages.json").read_text())
+    assert list(stages) == ["prepare", "sft", "iter1.pairs", "iter1.dpo", "eval"]
     assert stages["prepare"]["train"]["conversations"] > 0
+    assert stages["iter1.pairs"]["contexts"] == 4 and len((run_dir / "iter1/pairs.jsonl").read_text().splitlines()) == 4
+    assert (run_dir / "m0/adapter_config.json").is_file() and (run_dir / "iter1/m1/adapter_config.json").is_file()
+    assert (run_dir / "report.html").is_file() and (run_dir / "eval/responses.jsonl").is_file()
+    assert set(stages["eval"]["models"]) >= {"base", "m0", "m1", "human"}
     meta = json.loads((run_dir / "meta.json").read_text())
     assert meta["seed"] == 42 and meta["versions"]["transformers"]
     assert (run_dir / "config.yaml").is_file() and (run_dir / "logs/run.log").is_file()

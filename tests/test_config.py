@@ -9,10 +9,31 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 @pytest.mark.parametrize("name", ["quickstart.yaml", "esconv-cpu.yaml"])
-def test_shipped_configs_validate(name: str) -> None:
+def test_shipped_cpu_configs_validate(name: str) -> None:
     config = load_config(CONFIGS / name)
     assert isinstance(config, ExperimentConfig)
     assert config.model.device == "cpu"
+
+
+@pytest.mark.parametrize(
+    ("name", "backbone"),
+    [
+        ("paper-llama3-8b.yaml", "meta-llama/Meta-Llama-3-8B-Instruct"),
+        ("paper-qwen2-7b.yaml", "Qwen/Qwen2-7B-Instruct"),
+        ("paper-mistral-7b.yaml", "mistralai/Mistral-7B-Instruct-v0.3"),
+    ],
+)
+def test_paper_configs_validate_and_share_one_default(name: str, backbone: str) -> None:
+    config = load_config(CONFIGS / name)
+    assert config.model.name == backbone and config.model.device == "cuda"
+    assert config.generation.backend == "vllm" and config.evolve.iterations == 2
+    assert config.run.name == name.removesuffix(".yaml")
+    base = load_config(CONFIGS / "paper-base.yaml")
+    # everything but the run name and the backbone comes from paper-base.yaml
+    assert (
+        config.model_copy(update={"run": base.run, "model": base.model.model_copy(update={"name": base.model.name})})
+        == base
+    )
 
 
 def test_extends_merges_sections(tmp_path: Path) -> None:

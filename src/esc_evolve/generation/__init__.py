@@ -1,0 +1,27 @@
+"""Text generation for every stage (evolve, evaluation, chat): one interface, three backends.
+
+- `transformers` (default, CPU and GPU): batched `generate` with a KV cache, see `hf.py`.
+- `vllm` (extra `gpu`): vLLM's engine with LoRA adapters and tensor parallelism.
+- `openai`: any OpenAI-compatible HTTP server (LLM judges, remote models).
+
+`build_generator(model_config, generation_config, adapter)` picks one from the config.
+"""
+
+from esc_evolve.generation.factory import build_generator, load_for_generation
+from esc_evolve.generation.types import (
+    FinishReason,
+    GenerationError,
+    GenerationRequest,
+    GenerationResult,
+    Generator,
+)
+
+__all__ = [
+    "FinishReason",
+    "GenerationError",
+    "GenerationRequest",
+    "GenerationResult",
+    "Generator",
+    "build_generator",
+    "load_for_generation",
+]

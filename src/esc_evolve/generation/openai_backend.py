@@ -1,0 +1,152 @@
+"""OpenAI-compatible HTTP backend: LLM judges and remote servers (OpenAI, vLLM's server, llama.cpp, Ollama...).
+
+Chat requests go to `POST {base_url}/chat/completions`, pre-rendered prompts to `POST {base_url}/completions`.
+It uses the standard library's HTTP client, so it needs no extra package; requests run concurrently in a small
+thread pool and are retried with backoff on 429 and 5xx answers. The API key is read from an environment
+variable (never from a config file); without one no Authorization header is sent (local servers).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from esc_evolve.config import GenerationConfig, ModelConfig
+from esc_evolve.generation.progress import GenerationProgress
+from esc_evolve.generation.types import (
+    FinishReason,
+    GenerationError,
+    GenerationRequest,
+    GenerationResult,
+    Generator,
+    cut_at_stop,
+)
+
+RETRY_STATUS = {429, 500, 502, 503, 504}
+
+
+class OpenAIGenerator(Generator):
+    """Generate with a model behind an OpenAI-compatible HTTP API."""
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        config: GenerationConfig | None = None,
+        *,
+        api_key_env: str = "OPENAI_API_KEY",
+        timeout: float = 120.0,
+        max_concurrency: int = 8,
+        retries: int = 3,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.model = model
+        self.config = config or GenerationConfig()
+        self.api_key = os.environ.get(api_key_env) or None
+        self.timeout = timeout
+        self.max_concurrency = max(1, max_concurrency)
+        self.retries = retries
+
+    @classmethod
+    def from_config(cls, model_config: ModelConfig, config: GenerationConfig) -> OpenAIGenerator:
+        base_url = getattr(config, "openai_base_url", None) or os.environ.get("OPENAI_BASE_URL")
+        if not base_url:
+            raise GenerationError(
+                "the openai backend needs a server: set generation.openai_base_url or $OPENAI_BASE_URL "
+                "(e.g. http://127.0.0.1:8000/v1)"
+            )
+        return cls(
+            base_url,
+            getattr(config, "openai_model", None) or model_config.name,
+            config,
+            api_key_env=getattr(config, "openai_api_key_env", "OPENAI_API_KEY"),
+            timeout=float(getattr(config, "request_timeout", 120.0)),
+            max_concurrency=int(getattr(config, "max_concurrency", 8)),
+        )
+
+    def generate(self, requests: Sequence[GenerationRequest], progress: bool = True) -> list[GenerationResult]:
+        with (
+            GenerationProgress(len(requests), progress) as bar,
+            ThreadPoolExecutor(min(self.max_concurrency, max(len(requests), 1))) as pool,
+        ):
+            futures = [pool.submit(self._one, i, r) for i, r in enumerate(requests)]
+            results = []
+            for future in futures:  # in input order, whatever order the answers arrive in
+                result = future.result()
+                bar.advance(1, result.num_tokens)
+                results.append(result)
+        return results
+
+    # ----------------------------------------------------------------------------------------------------
+
+    def _one(self, index: int, request: GenerationRequest) -> GenerationResult:
+        chat = request.messages is not None
+        body = self._body(request, chat)
+        answer = self._post("/chat/completions" if chat else "/completions", body, request.id or f"#{index}")
+        try:
+            choice = answer["choices"][0]
+            text = choice["message"]["content"] if chat else choice["text"]
+            usage = answer.get("usage") or {}
+        except (KeyError, IndexError, TypeError) as exc:
+            raise GenerationError(f"request {request.id or index}: unexpected answer from {self.base_url}") from exc
+        text, hit = cut_at_stop(text or "", request.stop)  # servers that ignore `stop` still get it honoured
+        return GenerationResult(
+            text=text,
+            num_tokens=int(usage.get("completion_tokens") or 0),
+            finish_reason="stop_string" if hit else _finish(choice),
+            request_id=request.id,
+            prompt_tokens=int(usage.get("prompt_tokens") or 0),
+        )
+
+    def _body(self, request: GenerationRequest, chat: bool) -> dict[str, Any]:
+        cfg = self.config
+        body: dict[str, Any] = {
+            "model": self.model,
+            "max_tokens": request.max_new_tokens or cfg.max_new_tokens,
+            "temperature": cfg.temperature if request.temperature is None else request.temperature,
+            "top_p": cfg.top_p if request.top_p is None else request.top_p,
+        }
+        if chat:
+            body["messages"] = [dict(m) for m in request.messages or []]
+        else:
+            body["prompt"] = request.prompt
+        if request.stop:
+            body["stop"] = list(request.stop)[:4]  # the OpenAI API takes at most 4; the rest are cut locally
+        if request.seed is not None:
+            body["seed"] = request.seed
+        return body
+
+    def _post(self, path: str, body: dict[str, Any], name: str) -> dict[str, Any]:
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        data = json.dumps(body).encode("utf-8")
+        for attempt in range(self.retries + 1):
+            req = urllib.request.Request(self.base_url + path, data=data, headers=headers, method="POST")
+            try:
+                with urllib.request.urlopen(req, timeout=self.timeout) as response:
+                    return json.loads(response.read().decode("utf-8"))
+            except urllib.error.HTTPError as exc:
+                if exc.code not in RETRY_STATUS or attempt == self.retries:
+                    detail = exc.read().decode("utf-8", "replace")[:300]
+                    where = f"{self.base_url}{path}"
+                    raise GenerationError(f"request {name}: {where} answered {exc.code}: {detail}") from None
+            except (urllib.error.URLError, TimeoutError, json.JSONDecodeError) as exc:
+                if attempt == self.retries:
+                    raise GenerationError(f"request {name}: cannot reach {self.base_url}{path}: {exc}") from None
+            time.sleep(min(2.0**attempt * 0.5, 8.0))
+        raise AssertionError("unreachable")
+
+
+def _finish(choice: dict[str, Any]) -> FinishReason:
+    """OpenAI says 'stop' for both an end-of-sequence token and a stop string; vLLM's server tells them apart
+    with `stop_reason` (the matched string, or a token id)."""
+    if choice.get("finish_reason") == "length":
+        return "length"
+    return "stop_string" if isinstance(choice.get("stop_reason"), str) else "stop"

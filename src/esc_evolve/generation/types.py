@@ -1,0 +1,86 @@
+"""The interface every stage (evolve, evaluation, chat) uses to generate text, whatever the backend."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from esc_evolve.errors import EscEvolveError
+
+FinishReason = Literal["stop", "length", "stop_string"]
+
+
+class GenerationError(EscEvolveError):
+    """A request cannot be served (too long for the model, a backend is missing, a server answered badly)."""
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One prompt to complete: chat `messages` (rendered with the model's chat template) or a rendered `prompt`.
+
+    Fields left `None` take the generator's defaults (from `GenerationConfig`). `temperature=0` is greedy.
+    `seed` fixes a sampled output: the same request with the same seed gives the same text, whichever other
+    requests share its batch (transformers backend, same device and dtype).
+    """
+
+    messages: Sequence[dict[str, str]] | None = None
+    prompt: str | None = None
+    max_new_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    id: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.messages is None) == (self.prompt is None):
+            raise ValueError(f"request {self.id!r}: give exactly one of `messages` or `prompt`")
+        if isinstance(self.stop, str):  # a lone string would otherwise be read as a tuple of characters
+            object.__setattr__(self, "stop", (self.stop,))
+        if any(not s for s in self.stop):
+            raise ValueError(f"request {self.id!r}: stop strings must be non-empty")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise ValueError(f"request {self.id!r}: max_new_tokens must be >= 1")
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """What a request produced. `num_tokens` counts generated tokens up to and including the one that ended
+    the reply (an end-of-sequence token or the token that completed a stop string); `text` holds neither."""
+
+    text: str
+    num_tokens: int
+    finish_reason: FinishReason
+    request_id: str | None = None
+    prompt_tokens: int = 0
+    dropped_turns: int = 0  # oldest context turns left out so that the prompt fits the model (see docs)
+    token_ids: tuple[int, ...] = ()  # the `num_tokens` generated ids, where the backend reports them
+
+
+class Generator(ABC):
+    """A backend. `generate` returns one result per request, in the order of the requests."""
+
+    @abstractmethod
+    def generate(self, requests: Sequence[GenerationRequest], progress: bool = True) -> list[GenerationResult]:
+        """Complete every request; results come back in input order."""
+
+    def stream(self, request: GenerationRequest) -> Iterator[str]:
+        """Yield the reply in pieces as it is produced (backends that cannot stream yield it whole)."""
+        yield self.generate([request], progress=False)[0].text
+
+    def close(self) -> None:  # noqa: B027 - optional hook, most backends hold nothing to release
+        """Release what the backend holds (a server connection, GPU memory)."""
+
+    def __enter__(self) -> Generator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
+    """Text before the earliest stop string, and whether one was found."""
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return (text[: min(hits)], True) if hits else (text, False)

@@ -1,0 +1,97 @@
+from pathlib import Path
+
+import pytest
+
+from esc_evolve.config import ExperimentConfig
+from esc_evolve.evolve.loop import generate_pairs, select_contexts
+from esc_evolve.evolve.pairs import PairStore
+from esc_evolve.generation.types import GenerationRequest, GenerationResult, Generator
+
+FIELD_ANSWERS = {
+    "emotion": " anxious.",
+    "intensity": " 4",
+    "situation": " a contract that may not be renewed.",
+    "profile": " keeps things short.",
+    "need": " reassurance.",
+    "critique": " named the contract and the wait.",
+}
+LOOP = "I'm so sorry to hear that. " * 5
+REFINED = "Waiting weeks to hear about your contract sounds exhausting. What would help most right now?"
+
+
+class ScriptedGenerator(Generator):
+    """Answers like a small model might: a looping draft, short reflection fields, a specific refinement."""
+
+    def __init__(self, fail_on_call: int | None = None) -> None:
+        self.calls = 0
+        self.fail_on_call = fail_on_call
+        self.draft_ids: list[str] = []
+
+    def generate(self, requests, progress=True):
+        self.calls += 1
+        if self.calls == self.fail_on_call:
+            raise RuntimeError("killed")
+        return [self._answer(r) for r in requests]
+
+    def _answer(self, request: GenerationRequest) -> GenerationResult:
+        if request.prompt is not None:  # a reflection field, continued after its prefix
+            return GenerationResult(FIELD_ANSWERS[request.id.rsplit(":", 1)[1]], 5, "stop_string", request.id)
+        if "What you noticed about this person" in request.messages[0]["content"]:
+            return GenerationResult(REFINED, 20, "stop", request.id)
+        self.draft_ids.append(request.id)
+        return GenerationResult(LOOP, 64, "length", request.id)
+
+
+def _config(tmp_path: Path, contexts: int = 6) -> ExperimentConfig:
+    return ExperimentConfig.model_validate(
+        {"run": {"output_dir": str(tmp_path)}, "evolve": {"contexts_per_iteration": contexts}}
+    )
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def test_contexts_are_fresh_each_iteration_and_seeded(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    first, second = select_contexts(config, 1), select_contexts(config, 2)
+    assert len(first) == 6 and not {s.sample_id for s in first} & {s.sample_id for s in second}
+    assert [s.sample_id for s in select_contexts(config, 1)] == [s.sample_id for s in first]
+    same = _config(tmp_path).model_copy(
+        update={"evolve": config.evolve.model_copy(update={"new_contexts_each_iteration": False})}
+    )
+    assert [s.sample_id for s in select_contexts(same, 2)] == [s.sample_id for s in first]
+
+
+def test_pairs_carry_provenance_and_filters(tmp_path: Path, tokenizer) -> None:
+    store = PairStore(tmp_path / "iter1" / "pairs.jsonl")
+    summary = generate_pairs(_config(tmp_path), 1, ScriptedGenerator(), tokenizer, store, chunk_size=4)
+    records = list(store.read())
+    assert len(records) == 6 and summary["contexts"] == 6
+    assert summary["reflection_parse_rate"] == 1.0 and summary["kept"] == 6
+    assert summary["rejected_degenerate"] == {"repetitive": 6}  # kept and counted
+    record = records[0]
+    assert record.chosen == REFINED and record.rejected == LOOP.strip()
+    assert record.reflection["fields"]["emotion"]["value"] == "anxiety"
+    assert "a contract that may not be renewed" in record.refine_system
+    # the DPO prompt is the dialogue alone: no reflection, no draft
+    assert "What you noticed" not in str(record.prompt) and record.prompt[0]["role"] == "system"
+    assert record.prompt[-1]["role"] == "user"
+    assert record.gold["human_response"]
+    assert store.export_preference(tmp_path / "iter1" / "preference.jsonl") == 6
+
+
+def test_kill_mid_generation_resumes_without_loss_or_duplicates(tmp_path: Path, tokenizer) -> None:
+    store = PairStore(tmp_path / "pairs.jsonl")
+    # chunk 1 uses calls 1-3 (draft, reflection, refinement); die inside chunk 2
+    with pytest.raises(RuntimeError, match="killed"):
+        generate_pairs(_config(tmp_path), 1, ScriptedGenerator(fail_on_call=5), tokenizer, store, chunk_size=2)
+    assert len(store.done_ids()) == 2
+    resumed = ScriptedGenerator()
+    generate_pairs(_config(tmp_path), 1, resumed, tokenizer, store, chunk_size=2)
+    ids = [r.sample_id for r in store.read()]
+    assert len(ids) == 6 and len(set(ids)) == 6
+    assert resumed.draft_ids == ids[2:]  # finished samples were not redone

@@ -37,6 +37,7 @@ class ScriptedGenerator(Generator):
         if request.prompt is not None:  # a reflection field, continued after its prefix
             return GenerationResult(FIELD_ANSWERS[request.id.rsplit(":", 1)[1]], 5, "stop_string", request.id)
         if "What you noticed about this person" in request.messages[0]["content"]:
+            assert request.temperature == 0.7 and request.seed is not None  # y' is sampled, reproducibly
             return GenerationResult(REFINED, 20, "stop", request.id)
         self.draft_ids.append(request.id)
         return GenerationResult(LOOP, 64, "length", request.id)

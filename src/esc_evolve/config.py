@@ -155,6 +155,13 @@ class EvolveConfig(StrictModel):
     principles_path: str | None = Field(None, description="Override of the packaged principles file.")
     new_contexts_each_iteration: bool = True
     reflection_max_new_tokens: int = Field(48, ge=1)
+    refine_temperature: float = Field(
+        0.7,
+        ge=0.0,
+        description="Sampling temperature of the refined reply y' (0 = greedy). Greedy refinement mostly "
+        "echoes the draft (16 of 24 pairs 'too_similar' in a quickstart run); sampling explores.",
+    )
+    refine_top_p: float = Field(0.9, gt=0.0, le=1.0)
     filters: ReflectionFilters = ReflectionFilters()
 
 

@@ -84,7 +84,13 @@ def _process_chunk(
     ]
     refined = generator.generate(
         [
-            GenerationRequest(messages=build_messages(s.context, rs), id=s.sample_id)
+            GenerationRequest(
+                messages=build_messages(s.context, rs),
+                temperature=config.evolve.refine_temperature,
+                top_p=config.evolve.refine_top_p,
+                seed=config.run.seed + iteration,
+                id=s.sample_id,
+            )
             for s, rs in zip(chunk, refine_systems, strict=True)
         ]
     )

@@ -73,6 +73,7 @@ def test_run_prepares_and_resumes(tmp_path: Path, tiny_model_dir: Path) -> None:
         "eval.max_contexts=6",
         "eval.bootstrap_samples=20",
         "generation.max_new_tokens=8",
+        "data.context_window=3",  # reflection prompts quote the context: keep them inside the tiny model's 512
     ]
     args = ["run", str(CONFIGS / "quickstart.yaml")] + [arg for o in overrides for arg in ("--set", o)]
     result = runner.invoke(app, args)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from transformers import TrainerCallback
+
 from esc_evolve.config import ExperimentConfig, validate_config
 from tests.conftest import make_record, write_jsonl
 
@@ -49,3 +51,18 @@ def tiny_config(tmp_path: Path, model_dir: Path, **sft: Any) -> ExperimentConfig
         },
     }
     return validate_config(raw, source="<test>")
+
+
+class Interrupted(Exception):
+    pass
+
+
+class StopAt(TrainerCallback):
+    """Stands in for a kill: stops training at a step, after a checkpoint was written."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_begin(self, args, state, control, **kwargs) -> None:
+        if state.global_step == self.step:
+            raise Interrupted

@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import TrainerCallback
 
 from esc_evolve.config import ExperimentConfig, validate_config
 from esc_evolve.models import load_model
@@ -13,6 +12,7 @@ from esc_evolve.models.lineage import adapter_chain, write_lineage
 from esc_evolve.rundir import RunDir
 from esc_evolve.training.dpo import NoPairsError, build_dpo_trainer, run_dpo, trl_loss
 from esc_evolve.training.settings import resolve_runtime
+from tests.sft_fixtures import Interrupted, StopAt
 
 PAIRS = [  # written for the tests
     ("My exam went badly.", "One bad exam hurts, but it does not define you. What subject was it?", "ok ok ok ok"),
@@ -103,19 +103,6 @@ def test_reference_log_probs_are_m_t(tmp_path: Path, tiny_model_dir: Path) -> No
     assert torch.allclose(torch.cat([ref_chosen, ref_rejected]), expected, atol=1e-3)
     base_model, _ = load_model(config.model)
     assert not torch.allclose(completion_logps(base_model), expected, atol=1e-2)  # the backbone is not M0
-
-
-class Interrupted(Exception):
-    pass
-
-
-class StopAt(TrainerCallback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_step_begin(self, args, state, control, **kwargs) -> None:
-        if state.global_step == self.step:
-            raise Interrupted
 
 
 def test_dpo_trains_m1_on_top_of_m0_and_resumes(tmp_path: Path, tiny_model_dir: Path) -> None:

@@ -20,7 +20,7 @@ from esc_evolve.training.settings import FAMILY_TARGETS, lora_config, resolve_ru
 from esc_evolve.training.sft import build_trainer, latest_checkpoint, run_sft
 from esc_evolve.training.speed import compact_lm_head_on_cpu
 from tests.conftest import write_jsonl
-from tests.sft_fixtures import tiny_config
+from tests.sft_fixtures import Interrupted, StopAt, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -255,21 +255,6 @@ def _merged_model_matches_adapter(config, run_path: Path) -> None:
     ids = torch.randint(10, 1000, (1, 12))
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, peft_model(ids).logits, atol=1e-4, rtol=1e-4)
-
-
-class Interrupted(Exception):
-    pass
-
-
-class StopAt(TrainerCallback):
-    """Stands in for a kill: stops the process-equivalent at a step, after a checkpoint was written."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_step_begin(self, args, state, control, **kwargs) -> None:
-        if state.global_step == self.step:
-            raise Interrupted
 
 
 class FirstStep(TrainerCallback):

@@ -59,13 +59,7 @@ def eval_responses(
     from esc_evolve.evaluation.settings import EvaluationSettings
 
     cfg = load_config(config, overrides)
-    settings = EvaluationSettings.from_eval_config(
-        cfg.eval,
-        seed=cfg.run.seed,
-        strategy_train_path=cfg.eval.strategy_train_path or cfg.data.train_path,
-        strategy_valid_path=cfg.eval.strategy_valid_path or cfg.data.valid_path,
-        cache_dir=cfg.eval.cache_dir or cfg.model.cache_dir,
-    )
+    settings = EvaluationSettings.for_experiment(cfg)
     table = _load_table(responses, data, cfg.data.context_window, model, human)
     result = evaluate(table, settings, out_dir=out)
     if cfg.eval.judge_backend != "none":

@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from esc_evolve.config import EvalConfig
+from esc_evolve.config import EvalConfig, ExperimentConfig
 from esc_evolve.errors import ConfigError
 
 
@@ -14,6 +14,17 @@ class EvaluationSettings(EvalConfig):
     """What `evaluate` needs: the eval section of the config plus the seed of the run."""
 
     seed: int = 42
+
+    @classmethod
+    def for_experiment(cls, config: ExperimentConfig) -> EvaluationSettings:
+        """The eval section with the run's seed, and the data and cache paths it defaults to."""
+        return cls.from_eval_config(
+            config.eval,
+            seed=config.run.seed,
+            strategy_train_path=config.eval.strategy_train_path or config.data.train_path,
+            strategy_valid_path=config.eval.strategy_valid_path or config.data.valid_path,
+            cache_dir=config.eval.cache_dir or config.model.cache_dir,
+        )
 
     @classmethod
     def from_eval_config(cls, eval_config: EvalConfig, **overrides: Any) -> EvaluationSettings:

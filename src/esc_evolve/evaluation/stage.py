@@ -98,13 +98,7 @@ def eval_stage(run: RunDir) -> dict[str, Any]:
     responses = run.path / "eval" / "responses.jsonl"
     generate_responses(config, samples, models, responses)
     table = read_responses(responses, include_human=HUMAN in config.eval.models, models=list(models))
-    settings = EvaluationSettings.from_eval_config(
-        config.eval,
-        seed=config.run.seed,
-        strategy_train_path=config.eval.strategy_train_path or config.data.train_path,
-        strategy_valid_path=config.eval.strategy_valid_path or config.data.valid_path,
-        cache_dir=config.eval.cache_dir or config.model.cache_dir,
-    )
+    settings = EvaluationSettings.for_experiment(config)
     result = evaluate(table, settings, out_dir=run.path / "eval")
     paths = write_report(result, table, run.path, {"run": str(run.path), "responses_file": str(responses)})
     log.info("evaluation report: %s", paths["html"])

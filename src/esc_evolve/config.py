@@ -84,6 +84,20 @@ class GenerationConfig(StrictModel):
     temperature: float = Field(0.0, ge=0.0, description="0 = greedy decoding.")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     repetition_penalty: float = Field(1.0, gt=0.0)
+    # transformers backend (see docs/generation.md for what each buys on a CPU)
+    merge_adapter: bool = Field(True, description="Fold a LoRA adapter into the weights before generating.")
+    static_cache: bool = Field(True, description="Static KV cache (the dynamic one re-concatenates each step).")
+    share_prefix_min: int = Field(16, ge=0, description="Shortest shared prompt prefix computed once per batch.")
+    row_prefill: bool | None = Field(None, description="Prefill each prompt alone, without padding (null = on CPU).")
+    # vLLM backend
+    tensor_parallel_size: int = Field(1, ge=1)
+    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0)
+    # OpenAI-compatible backend (judges, remote models); the key is read from the named environment variable
+    openai_base_url: str | None = None
+    openai_model: str | None = None
+    openai_api_key_env: str = "OPENAI_API_KEY"
+    request_timeout: float = Field(120.0, gt=0.0)
+    max_concurrency: int = Field(8, ge=1)
 
 
 class LoraSettings(StrictModel):

@@ -27,16 +27,16 @@ def build_generator(
     if backend == "transformers":
         from esc_evolve.generation.hf import TransformersGenerator
 
-        merge = bool(getattr(generation_config, "merge_adapter", True))
+        merge = generation_config.merge_adapter
         model, tokenizer = load_for_generation(model_config, adapter, merge=merge)
         return TransformersGenerator(
             model,
             tokenizer,
             generation_config,
             seed=seed,
-            static_cache=bool(getattr(generation_config, "static_cache", True)),
-            share_prefix_min=int(getattr(generation_config, "share_prefix_min", 16)),
-            row_prefill=getattr(generation_config, "row_prefill", None),
+            static_cache=generation_config.static_cache,
+            share_prefix_min=generation_config.share_prefix_min,
+            row_prefill=generation_config.row_prefill,
         )
     if backend == "vllm":
         from esc_evolve.generation.vllm_backend import VLLMGenerator

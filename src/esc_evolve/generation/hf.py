@@ -170,6 +170,7 @@ class TransformersGenerator(Generator):
         input_ids, mask = layout(rows, prefix)
         width = input_ids.shape[1]
         max_new = max(item.max_new_tokens for item in batch)
+        log.debug("batch of %d rows: width %d, shared prefix %d, %d new tokens", len(rows), width, prefix, max_new)
         stopper = RowStopper(self.tokenizer, width, [i.max_new_tokens for i in batch], [i.stops for i in batch])
         device = self.model.device
         kwargs: dict[str, Any] = {

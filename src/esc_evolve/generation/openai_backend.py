@@ -55,7 +55,7 @@ class OpenAIGenerator(Generator):
 
     @classmethod
     def from_config(cls, model_config: ModelConfig, config: GenerationConfig) -> OpenAIGenerator:
-        base_url = getattr(config, "openai_base_url", None) or os.environ.get("OPENAI_BASE_URL")
+        base_url = config.openai_base_url or os.environ.get("OPENAI_BASE_URL")
         if not base_url:
             raise GenerationError(
                 "the openai backend needs a server: set generation.openai_base_url or $OPENAI_BASE_URL "
@@ -63,11 +63,11 @@ class OpenAIGenerator(Generator):
             )
         return cls(
             base_url,
-            getattr(config, "openai_model", None) or model_config.name,
+            config.openai_model or model_config.name,
             config,
-            api_key_env=getattr(config, "openai_api_key_env", "OPENAI_API_KEY"),
-            timeout=float(getattr(config, "request_timeout", 120.0)),
-            max_concurrency=int(getattr(config, "max_concurrency", 8)),
+            api_key_env=config.openai_api_key_env,
+            timeout=config.request_timeout,
+            max_concurrency=config.max_concurrency,
         )
 
     def generate(self, requests: Sequence[GenerationRequest], progress: bool = True) -> list[GenerationResult]:

@@ -56,8 +56,8 @@ class VLLMGenerator(Generator):
             "revision": model_config.revision,
             "dtype": "auto" if model_config.dtype == "auto" else model_config.dtype,
             "trust_remote_code": model_config.trust_remote_code,
-            "tensor_parallel_size": int(getattr(self.config, "tensor_parallel_size", 1)),
-            "gpu_memory_utilization": float(getattr(self.config, "gpu_memory_utilization", 0.9)),
+            "tensor_parallel_size": self.config.tensor_parallel_size,
+            "gpu_memory_utilization": self.config.gpu_memory_utilization,
             "seed": seed,
         }
         if self.adapter is not None:

@@ -20,7 +20,7 @@ from esc_evolve.config import DPOConfig, ExperimentConfig
 from esc_evolve.errors import EscEvolveError
 from esc_evolve.models.lineage import write_lineage
 from esc_evolve.rundir import RunDir, write_json_atomic
-from esc_evolve.training.settings import Runtime, checkpointing_arg, lora_config, process_state, resolve_runtime
+from esc_evolve.training.settings import Runtime, lora_config, process_state, resolve_runtime, trainer_args
 from esc_evolve.training.sft import SUMMARY_FILE, latest_checkpoint, publish, tensorboard_callback
 
 log = logging.getLogger(__name__)
@@ -53,32 +53,14 @@ def trl_dpo_config(config: ExperimentConfig, output_dir: Path, runtime: Runtime)
     dpo = config.dpo
     loss_type, loss_weights = trl_loss(dpo)
     return TrlDPOConfig(
-        output_dir=str(output_dir),
-        seed=config.run.seed,
+        **trainer_args(config, dpo, output_dir, runtime),
         beta=dpo.beta,
         loss_type=loss_type,
         loss_weights=loss_weights,
         ld_alpha=dpo.ld_alpha,
-        learning_rate=dpo.learning_rate,
-        num_train_epochs=dpo.epochs,
-        max_steps=dpo.max_steps,
-        per_device_train_batch_size=dpo.per_device_batch_size,
-        gradient_accumulation_steps=dpo.gradient_accumulation_steps,
         max_length=dpo.max_length,
         lr_scheduler_type="cosine",
         warmup_steps=0.1,
-        bf16=runtime.bf16,
-        fp16=runtime.fp16,
-        **checkpointing_arg(runtime.gradient_checkpointing),
-        use_cpu=runtime.device.type == "cpu",
-        logging_steps=dpo.logging_steps,
-        logging_first_step=True,
-        save_strategy="steps",
-        save_steps=dpo.save_steps,
-        save_total_limit=2,
-        report_to="none",  # TensorBoard is attached below, writing under RUN/logs/
-        ddp_find_unused_parameters=False,
-        dataloader_num_workers=0,
     )
 
 

@@ -102,43 +102,49 @@ def lora_config(settings: LoraSettings, model_type: str) -> Any:
     )
 
 
+def trainer_args(config: ExperimentConfig, section: Any, output_dir: Path, runtime: Runtime) -> dict[str, Any]:
+    """The TrainingArguments shared by SFT and DPO; `section` is `config.sft` or `config.dpo`."""
+    return {
+        "output_dir": str(output_dir),
+        "seed": config.run.seed,
+        "learning_rate": section.learning_rate,
+        "num_train_epochs": section.epochs,
+        "max_steps": section.max_steps,
+        "per_device_train_batch_size": section.per_device_batch_size,
+        "per_device_eval_batch_size": section.per_device_batch_size,
+        "gradient_accumulation_steps": section.gradient_accumulation_steps,
+        "bf16": runtime.bf16,
+        "fp16": runtime.fp16,
+        **checkpointing_arg(runtime.gradient_checkpointing),
+        "use_cpu": runtime.device.type == "cpu",
+        "logging_steps": section.logging_steps,
+        "logging_first_step": True,
+        "save_strategy": "steps",
+        "save_steps": section.save_steps,
+        "save_total_limit": CHECKPOINTS_KEPT,
+        "report_to": "none",  # TensorBoard is attached by the stage, writing under RUN/logs/
+        # Every LoRA weight gets a gradient each step: DDP's unused-parameter search would only cost time.
+        "ddp_find_unused_parameters": False,
+        "dataloader_num_workers": 0,
+    }
+
+
 def trl_sft_config(config: ExperimentConfig, output_dir: Path, runtime: Runtime) -> Any:
     """The trl `SFTConfig` for our config; every training hyperparameter comes from `config.sft`."""
     from trl import SFTConfig as TrlSFTConfig
 
     sft = config.sft
-    group = sft.group_by_length
     return TrlSFTConfig(
-        output_dir=str(output_dir),
-        seed=config.run.seed,
-        learning_rate=sft.learning_rate,
-        num_train_epochs=sft.epochs,
-        max_steps=sft.max_steps,
-        per_device_train_batch_size=sft.per_device_batch_size,
-        per_device_eval_batch_size=sft.per_device_batch_size,
-        gradient_accumulation_steps=sft.gradient_accumulation_steps,
+        **trainer_args(config, sft, output_dir, runtime),
         max_length=sft.max_seq_length,
         lr_scheduler_type=sft.lr_scheduler,
         warmup_steps=sft.warmup_ratio,  # transformers 5: a float below 1 is a ratio of the total steps
         weight_decay=sft.weight_decay,
-        bf16=runtime.bf16,
-        fp16=runtime.fp16,
-        **checkpointing_arg(runtime.gradient_checkpointing),
-        use_cpu=runtime.device.type == "cpu",
         completion_only_loss=True,
         assistant_only_loss=False,
-        train_sampling_strategy="group_by_length" if group else "random",
+        train_sampling_strategy="group_by_length" if sft.group_by_length else "random",
         include_num_input_tokens_seen="non_padding",
-        logging_steps=sft.logging_steps,
-        logging_first_step=True,
-        save_strategy="steps",
-        save_steps=sft.save_steps,
-        save_total_limit=CHECKPOINTS_KEPT,
         eval_strategy="no",
-        report_to="none",  # TensorBoard is attached by sft.py, writing under RUN/logs/
-        # Every LoRA weight gets a gradient each step: DDP's unused-parameter search would only cost time.
-        ddp_find_unused_parameters=False,
-        dataloader_num_workers=0,
     )
 
 

@@ -228,9 +228,27 @@ class EvalConfig(StrictModel):
             "judge",
         ]
     )
-    judge_backend: Literal["none", "local", "openai"] = "none"
-    judge_url: str | None = None
-    judge_model: str | None = None
+    judge_backend: Literal["none", "local", "openai"] = Field(
+        "none",
+        description="LLM judge: 'none' (judge metric skipped), 'local' (a local model, greedy, no adapter) or "
+        "'openai' (an OpenAI-compatible server). See docs/evaluation.md.",
+    )
+    judge_url: str | None = Field(
+        None,
+        description="openai: the server's base URL (e.g. https://api.openai.com/v1); default "
+        "generation.openai_base_url, then $OPENAI_BASE_URL.",
+    )
+    judge_model: str | None = Field(
+        None,
+        description="openai: the served model's name (default generation.openai_model). local: a model id, alias "
+        "or folder to judge with (default model.name, the run's backbone without adapter).",
+    )
+    judge_api_key_env: str | None = Field(
+        None,
+        description="openai: environment variable holding the API key, read at run time and never written "
+        "anywhere; default generation.openai_api_key_env (OPENAI_API_KEY).",
+    )
+    judge_max_new_tokens: int = Field(256, ge=1, description="Token budget of one judge answer.")
     judge_pairs: list[tuple[str, str]] | None = Field(
         None, description="(A, B) pairs for the pairwise judge; None = each model vs its predecessor, last vs first."
     )

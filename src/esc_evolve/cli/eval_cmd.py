@@ -1,4 +1,4 @@
-"""`esc-evolve eval-responses` and `esc-evolve human-eval export|import`: evaluate already generated responses."""
+"""`esc-evolve eval RUN`, `esc-evolve eval-responses` and `esc-evolve human-eval export|import`."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ human_app = typer.Typer(help="Blinded A/B human evaluation: export sheets, impor
 
 
 def register(app: typer.Typer) -> None:
+    app.command("eval")(eval_run)
     app.command("eval-responses")(eval_responses)
     app.add_typer(human_app, name="human-eval")
 
@@ -54,23 +55,56 @@ def eval_responses(
     `--set eval.metrics=[bleu,distinct] --set eval.bootstrap_unit=conversation`.
     """
     from esc_evolve.config import load_config
-    from esc_evolve.evaluation.evaluate import evaluate
     from esc_evolve.evaluation.report import write_report
-    from esc_evolve.evaluation.settings import EvaluationSettings
+    from esc_evolve.evaluation.stage import score_table
 
     cfg = load_config(config, overrides)
-    settings = EvaluationSettings.for_experiment(cfg)
     table = _load_table(responses, data, cfg.data.context_window, model, human)
-    result = evaluate(table, settings, out_dir=out)
-    if cfg.eval.judge_backend != "none":
-        result.notes.append(
-            f"judge_backend={cfg.eval.judge_backend}: judge backends are not wired into this command "
-            "yet; call evaluation.evaluate(..., judge=callable) from Python."
-        )
+    result = score_table(table, cfg, out)
     provenance = {"responses_file": str(responses), "config": cfg.eval.model_dump(mode="json")}
     paths = write_report(result, table, out, provenance)
     console.print(f"[green]evaluated[/green] {len(table)} contexts x {len(table.models)} models -> {paths['html']}")
-    for note in result.notes:
+    _print_notes(result.notes)
+
+
+@user_errors
+def eval_run(
+    run_dir: Path = typer.Argument(..., help="A run directory written by `esc-evolve run` (holds config.yaml)."),
+    model: list[str] | None = typer.Option(
+        None, "--model", "-m", help="base, m0, m1, m2, human (repeatable); default: the run's eval.models that exist."
+    ),
+    split: str | None = typer.Option(
+        None, "--split", help="Contexts to answer: a data file, builtin:valid, hf:...; default eval.split_path."
+    ),
+    max_contexts: int | None = typer.Option(None, "--max-contexts", min=1, help="Seeded sample of N contexts."),
+    overrides: list[str] | None = typer.Option(
+        None, "--set", "-s", help="Override an eval setting, e.g. --set eval.judge_backend=local (repeatable)."
+    ),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Report folder; default RUN_DIR (RUN_DIR/report.md)."),
+) -> None:
+    """(Re-)evaluate a run: every model answers the eval contexts (models already answered are reused), then
+    metrics, CIs and the report, as the pipeline's eval stage does. Works on a run that only has m0."""
+    from esc_evolve.evaluation.stage import evaluate_run, load_run_config
+    from esc_evolve.logging_setup import setup_logging
+
+    cfg = load_run_config(run_dir, overrides)
+    if split:  # set on the model, not as a --set string: a path is not parsed as YAML
+        cfg.eval.split_path = split
+    if max_contexts:
+        cfg.eval.max_contexts = max_contexts
+    target = out or run_dir
+    setup_logging(cfg.run.log_level, target / "logs" / "eval.log")
+    provenance = {"command": "esc-evolve eval", "overrides": overrides or [], "split": split, "requested_models": model}
+    summary = evaluate_run(run_dir, cfg, models=model or None, out=target, provenance=provenance)
+    console.print(
+        f"[green]evaluated[/green] {summary['contexts']} contexts x {', '.join(summary['models'])} -> "
+        f"{summary['report']}"
+    )
+    _print_notes(summary["notes"])
+
+
+def _print_notes(notes: list[str]) -> None:
+    for note in notes:
         console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
 
 

@@ -199,6 +199,7 @@ def build_blocks(result: EvalResult, table: ResponsesTable, images: dict[str, Pa
     blocks += _difference_blocks(result)
     if result.win_rates:
         blocks += [Block("heading", "LLM-judge pairwise win rates"), Block("table", _win_table(result))]
+    blocks += _judge_blocks(result)
     blocks += _strategy_blocks(result)
     for caption, path in images.items():
         blocks.append(Block("image", (caption, path)))
@@ -279,6 +280,40 @@ def _win_table(result: EvalResult) -> tuple[list[str], list[list[str]]]:
         for w in result.win_rates
     ]
     return header, rows
+
+
+_STATUSES = ("ok", "partial", "failed", "error")
+
+
+def _judge_blocks(result: EvalResult) -> list[Block]:
+    """Who judged, how many answers parsed (failures are counted, never dropped), and the judge's unhelpful rate."""
+    info = result.info.get("judge")
+    if not info:
+        return []
+    failed = sum(c for k, c in info["status_counts"].items() if k.endswith((":failed", ":error")))
+    text = (
+        f"Judge: {info['backend']}; {info['judged_contexts']} contexts, {info['calls']} calls, "
+        f"**{failed} without a usable answer** (failed: nothing parsed; error: the call raised; partial: some "
+        "dimensions missing). Missing scores are left out of the means, never guessed. Unhelpful = helpfulness <= "
+        f"{info['unhelpful_threshold']}; '–' = no helpfulness score parsed."
+    )
+    header = ["model or pair", *_STATUSES, "unhelpful (judge) % [CI]", "helpfulness [CI]"]
+    rows = [
+        [
+            model,
+            *_status_cells(counts),
+            fmt_interval(result.estimates.get(model, {}).get("unhelpful_judge"), True),
+            fmt_interval(result.estimates.get(model, {}).get("judge_helpfulness"), False, 2),
+        ]
+        for model, counts in info.get("status_by_model", {}).items()
+    ]
+    pairs = info.get("status_by_pair", {})
+    rows += [[f"{pair} (pairwise)", *_status_cells(counts), "", ""] for pair, counts in pairs.items()]
+    return [Block("heading", "LLM judge"), Block("text", text), Block("table", (header, rows))]
+
+
+def _status_cells(counts: dict[str, int]) -> list[str]:
+    return [str(counts.get(status, 0)) for status in _STATUSES]
 
 
 def _strategy_blocks(result: EvalResult) -> list[Block]:

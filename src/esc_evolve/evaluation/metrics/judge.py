@@ -36,7 +36,7 @@ SUBMETRICS = [
 @register_metric("judge")
 def judge_metric(ctx: EvalContext) -> MetricOutput:
     if ctx.judge is None:
-        ctx.notes.append("LLM judge skipped: no judge backend given.")
+        ctx.notes.append("LLM judge skipped: no judge backend given (set eval.judge_backend to local or openai).")
         return MetricOutput([], {})
     n = (
         len(ctx.table)
@@ -46,21 +46,43 @@ def judge_metric(ctx: EvalContext) -> MetricOutput:
     records: list[JudgeRecord] = []
     scores = {model: _pointwise(ctx, model, n, records) for model in ctx.table.models}
     pairwise, consistency = {}, {}
-    for a, b in judge_pairs(ctx.table.models, ctx.settings.judge_pairs):
+    pairs = judge_pairs(ctx.table.models, ctx.settings.judge_pairs)
+    for a, b in pairs:
         pairwise[(a, b)], consistency[f"{a} vs {b}"] = _pairwise(ctx, a, b, n, records)
     if ctx.out_dir is not None:
         lines = [json.dumps(r.to_json(), ensure_ascii=False) for r in records]
         write_atomic(ctx.out_dir / "judge_records.jsonl", "\n".join(lines) + "\n")
     status = Counter((r.kind, r.status) for r in records)
     info = {
+        "backend": getattr(ctx.judge, "description", "a judge callable given to evaluate()"),
         "judged_contexts": n,
         "prompts": {p: load_prompt(p).sha256 for p in (POINTWISE_PROMPT, PAIRWISE_PROMPT)},
         "calls": len(records),
         "status_counts": {f"{kind}:{st}": c for (kind, st), c in sorted(status.items())},
+        "status_by_model": {m: _statuses(records, "pointwise", {m}) for m in ctx.table.models},
+        "status_by_pair": {f"{a} vs {b}": _statuses(records, "pairwise", {a, b}) for a, b in pairs},
         "position_consistency": consistency,
         "unhelpful_threshold": ctx.settings.unhelpful_threshold,
     }
+    _note_failures(ctx, records)
     return MetricOutput(SUBMETRICS, scores, info, pairwise)
+
+
+def _statuses(records: list[JudgeRecord], kind: str, models: set[str]) -> dict[str, int]:
+    """Parse status counts of one model's pointwise calls, or of one pair's pairwise calls (both orders)."""
+    return dict(Counter(r.status for r in records if r.kind == kind and set(r.models) == models))
+
+
+def _note_failures(ctx: EvalContext, records: list[JudgeRecord]) -> None:
+    # Failures leave NaN scores that the means skip: say how many, so that a mean over few answers is visible.
+    failed = sum(r.status == "failed" for r in records)
+    errors = sum(r.status == "error" for r in records)
+    if failed or errors:
+        where = f" (raw outputs in {ctx.out_dir / 'judge_records.jsonl'})" if ctx.out_dir is not None else ""
+        ctx.notes.append(
+            f"LLM judge: of {len(records)} calls, {failed} gave an unparseable answer and {errors} raised; "
+            f"their scores are missing, not guessed{where}."
+        )
 
 
 def judge_pairs(models: list[str], pairs: list[tuple[str, str]] | None) -> list[tuple[str, str]]:

@@ -1,0 +1,179 @@
+"""Judge backends (`eval.judge_backend`): none, local (the tiny model), openai (against a stdlib HTTP stub)."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from esc_evolve.cli.eval_cmd import register
+from esc_evolve.config import ExperimentConfig
+from esc_evolve.errors import ConfigError
+from esc_evolve.evaluation.evaluate import evaluate
+from esc_evolve.evaluation.judge_backend import build_judge
+from esc_evolve.evaluation.report import write_report
+from esc_evolve.evaluation.responses import write_responses
+from esc_evolve.evaluation.settings import EvaluationSettings
+from tests.eval_fixtures import make_rows, make_samples, make_table
+
+SECRET = "sk-test-do-not-store-4f2a9c"
+MESSAGES = [{"role": "system", "content": "You rate."}, {"role": "user", "content": "Rate this."}]
+
+
+class _JudgeHandler(BaseHTTPRequestHandler):
+    """Canned chat completions: a verdict for pairwise prompts; pointwise scores that depend on the response
+    (the base model's "I'm so sorry" loop gets an unparseable answer, m0's stock reply helpfulness 2)."""
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+        self.server.seen.append({"path": self.path, "body": body, "auth": self.headers.get("Authorization")})
+        system, user = body["messages"][0]["content"], body["messages"][-1]["content"]
+        if "TWO candidate" in system:
+            text = '{"winner": "A"}'
+        elif "I'm so sorry to hear that. I'm so sorry" in user:
+            text = "I would rather not rate this one."
+        else:
+            helpful = 2 if "I understand." in user else 4
+            text = json.dumps({"empathy": 3, "personalisation": 3, "helpfulness": helpful, "fluency": 4, "safety": 5})
+        payload = {"choices": [{"message": {"role": "assistant", "content": text}, "finish_reason": "stop"}]}
+        data = json.dumps(payload).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args: Any) -> None:  # keep test output quiet
+        pass
+
+
+@contextmanager
+def judge_server() -> Iterator[Any]:
+    """An OpenAI-compatible judge stub on 127.0.0.1, in a thread, stopped on exit."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _JudgeHandler)
+    server.seen = []
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        server.base_url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+def _config(**eval_fields: Any) -> ExperimentConfig:
+    config = ExperimentConfig()
+    for key, value in eval_fields.items():
+        setattr(config.eval, key, value)
+    return config
+
+
+def test_none_builds_no_judge():
+    assert build_judge(_config()) is None
+
+
+def test_openai_judge_calls_the_server_greedily_with_the_key_from_the_env(monkeypatch):
+    monkeypatch.setenv("ESC_TEST_JUDGE_KEY", SECRET)
+    with judge_server() as server:
+        config = _config(
+            judge_backend="openai",
+            judge_url=server.base_url,
+            judge_model="judge-x",
+            judge_api_key_env="ESC_TEST_JUDGE_KEY",
+            judge_max_new_tokens=50,
+        )
+        config.generation.temperature = 0.8  # the responses' sampling must not leak into the judge
+        with build_judge(config) as judge:
+            answer = judge(MESSAGES)
+        assert json.loads(answer)["helpfulness"] == 4
+        assert judge.description == f"judge-x at {server.base_url} (OpenAI-compatible, greedy)"
+    (call,) = server.seen
+    assert call["path"] == "/v1/chat/completions" and call["auth"] == f"Bearer {SECRET}"
+    body = call["body"]
+    assert (body["model"], body["temperature"], body["max_tokens"], body["messages"]) == ("judge-x", 0.0, 50, MESSAGES)
+
+
+def test_openai_judge_key_defaults_to_the_generation_variable(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    with judge_server() as server:
+        config = _config(judge_backend="openai", judge_url=server.base_url, judge_model="judge-x")
+        build_judge(config)(MESSAGES)
+    assert server.seen[0]["auth"] == f"Bearer {SECRET}"
+
+
+def test_openai_judge_needs_a_model_name():
+    with pytest.raises(ConfigError, match="judge_model"):
+        build_judge(_config(judge_backend="openai", judge_url="http://127.0.0.1:9/v1"))
+
+
+def test_local_judge_is_the_backbone_or_judge_model_without_adapter(tiny_model_dir: Path):
+    config = _config(judge_backend="local", judge_max_new_tokens=4)
+    config.model.name = str(tiny_model_dir)
+    with build_judge(config) as judge:
+        assert isinstance(judge(MESSAGES), str)
+        assert judge.generator.config.temperature == 0.0 and judge.generator.config.max_new_tokens == 4
+        assert str(tiny_model_dir) in judge.description
+    other = _config(judge_backend="local", judge_model=str(tiny_model_dir))  # model.name: the default backbone
+    with build_judge(other) as judge:
+        assert str(tiny_model_dir) in judge.description
+
+
+def test_local_judge_too_small_for_the_prompt_is_counted_not_dropped(tiny_model_dir: Path, tmp_path: Path):
+    """The tiny model's 512-token context cannot hold the pointwise prompt (the call raises) and its pairwise
+    answers are noise (unparseable): every call is counted as such, and the report says so."""
+    config = _config(judge_backend="local", judge_max_new_tokens=4)
+    config.model.name = str(tiny_model_dir)
+    table = make_table(2, 1)
+    settings = EvaluationSettings(metrics=["length", "judge"], bootstrap_samples=10, judge_max_contexts=1)
+    with build_judge(config) as judge:
+        result = evaluate(table, settings, judge=judge, out_dir=tmp_path)
+    info = result.info["judge"]
+    assert all(counts == {"error": 1} for counts in info["status_by_model"].values())
+    unusable = sum(c for k, c in info["status_counts"].items() if k.endswith((":error", ":failed")))
+    assert unusable == info["calls"] == len(table.models) + 2 * len(info["status_by_pair"])  # 1 context, 2 orders
+    assert any("unparseable answer" in note and "raised" in note for note in result.notes)
+    write_report(result, table, tmp_path)
+    assert f"**{info['calls']} without a usable answer**" in (tmp_path / "report.md").read_text()
+
+
+def test_eval_responses_with_openai_judge_reports_failures_and_unhelpful_rate(monkeypatch, tmp_path: Path):
+    """The CLI wires the judge; the key is used but written nowhere; failures and the unhelpful rate are shown."""
+    monkeypatch.setenv("ESC_TEST_JUDGE_KEY", SECRET)
+    responses, out = tmp_path / "responses.jsonl", tmp_path / "eval"
+    write_responses(responses, make_rows(make_samples(3, 1)))
+    app = typer.Typer()
+    register(app)
+    with judge_server() as server:
+        sets = [
+            "eval.metrics=[length, judge]",
+            "eval.bootstrap_samples=20",
+            "eval.judge_backend=openai",
+            f"eval.judge_url={server.base_url}",
+            "eval.judge_model=judge-x",
+            "eval.judge_api_key_env=ESC_TEST_JUDGE_KEY",
+        ]
+        args = ["eval-responses", str(responses), "--out", str(out), *(a for s in sets for a in ("--set", s))]
+        result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert server.seen and all(c["auth"] == f"Bearer {SECRET}" for c in server.seen)
+    data = json.loads((out / "metrics.json").read_text())
+    judge = data["details"]["judge"]
+    assert judge["status_by_model"]["base"] == {"failed": 3} and judge["status_by_model"]["m1"] == {"ok": 3}
+    assert data["estimates"]["m0"]["unhelpful_judge"]["value"] == 1.0
+    assert data["estimates"]["m1"]["unhelpful_judge"]["value"] == 0.0
+    report = (out / "report.md").read_text()
+    assert "## LLM judge" in report and "judge-x at" in report and "**3 without a usable answer**" in report
+    assert "| m0 | 3 | 0 | 0 | 0 | 100.0" in report
+    for path in out.rglob("*"):
+        assert not path.is_file() or SECRET not in path.read_text(errors="replace"), path

@@ -18,6 +18,7 @@ included. Results go to benchmarks/results/generation.json; the output ends with
     .venv/bin/python benchmarks/generation.py                  # 32 prompts, ~3 min on a quiet 2-core CPU
     .venv/bin/python benchmarks/generation.py --prompts 8      # quick look
     .venv/bin/python benchmarks/generation.py --sweep          # also compare engine settings (batch, cache, prefix)
+    python benchmarks/generation.py --model DIR --device cuda --dtype bfloat16 --batch-size 64 --out gpu.json
 """
 
 from __future__ import annotations
@@ -41,15 +42,16 @@ from esc_evolve.models import load_model
 
 ESCONV_VALID = Path("/work/shared/data/esconv/valid.jsonl")
 RESULTS = Path(__file__).parent / "results" / "generation.json"
+REPEATS_PER_TIMING = 4  # several products per timing, so that a GPU's launch latency does not dominate
 
 
 def main() -> None:
     args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tokenizer = load_model(ModelConfig(dtype="float32"))
+    model, tokenizer = load_model(ModelConfig(name=args.model, device=args.device, dtype=args.dtype))
     requests, source = build_requests(args.data, args.prompts)
-    config = GenerationConfig(max_new_tokens=args.new_tokens, temperature=0.0)
+    config = GenerationConfig(max_new_tokens=args.new_tokens, temperature=0.0, batch_size=args.batch_size)
     engine = TransformersGenerator(model, tokenizer, config)
     prompt_ids = [list(engine._prepare(i, r).ids) for i, r in enumerate(requests)]
     load_before = os.getloadavg()[0]
@@ -77,6 +79,10 @@ def main() -> None:
             "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__,
+            "device": str(model.device),
+            "gpu": torch.cuda.get_device_name() if model.device.type == "cuda" else None,
+            "dtype": str(model.dtype),
+            "model": args.model,
             "load_average_before": load_before,
             "load_average_after": os.getloadavg()[0],
         },
@@ -104,8 +110,8 @@ def main() -> None:
         "greedy_identical": all(identical),
         "sweep": sweep,
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     print_table(report)
 
 
@@ -116,6 +122,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--data", type=Path, default=ESCONV_VALID, help="ESConv .jsonl; builtin data if absent.")
     parser.add_argument("--repeats", type=int, default=1, help="Timed runs of each method; the fastest counts.")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default).")
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="Backbone alias or model folder.")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--batch-size", type=int, default=GenerationConfig().batch_size, help="The engine's batch.")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="Results JSON.")
     parser.add_argument("--sweep", action="store_true", help="Also time engine settings against each other.")
     return parser.parse_args()
 
@@ -186,6 +197,7 @@ def run_sweep(model: Any, tokenizer: Any, config: GenerationConfig, requests: li
         *({"batch_size": b, **plain} for b in (16, 32)),
         {"batch_size": 32, "row_prefill": False},
         {"batch_size": 32, "static_cache": False},
+        {"batch_size": 32, "static_cache": True},
         {"batch_size": 32, "share_prefix_min": 0},
     ]
     best: dict[int, float] = {}
@@ -200,7 +212,7 @@ def run_sweep(model: Any, tokenizer: Any, config: GenerationConfig, requests: li
 
 
 def matmul_gflops(model: Any, rows: int = 256, seconds: float = 0.5) -> float:
-    """Best fp32 GFLOP/s over the model's matmuls at `rows` rows (compute bound): each distinct weight shape is
+    """Best GFLOP/s (model's dtype and device) over its matmuls at `rows` rows (compute bound): each weight shape is
     timed on its own (best of repeated runs, so that a busy machine does not lower it), then combined with the
     weight each shape has in one generated token: a decoder layer's linears x layers, plus the LM head."""
     linears = [m.weight.shape for m in model.model.layers[0].modules() if isinstance(m, torch.nn.Linear)]
@@ -209,15 +221,24 @@ def matmul_gflops(model: Any, rows: int = 256, seconds: float = 0.5) -> float:
         counts[tuple(shape)] = counts.get(tuple(shape), 0) + 1
     flops = seconds_per_token = 0.0
     for (n, k), count in counts.items():
-        a, b = torch.randn(rows, k), torch.randn(k, n)
+        a = torch.randn(rows, k, device=model.device, dtype=model.dtype)
+        b = torch.randn(k, n, device=model.device, dtype=model.dtype)
         best, deadline = float("inf"), time.perf_counter() + seconds
         while time.perf_counter() < deadline or best == float("inf"):
+            synchronize(model.device)
             start = time.perf_counter()
-            torch.mm(a, b)
-            best = min(best, time.perf_counter() - start)
+            for _ in range(REPEATS_PER_TIMING):
+                torch.mm(a, b)
+            synchronize(model.device)
+            best = min(best, (time.perf_counter() - start) / REPEATS_PER_TIMING)
         flops += 2.0 * n * k * count
         seconds_per_token += count * best / rows
     return flops / seconds_per_token / 1e9
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def flop_counts(model: Any) -> dict[str, float]:

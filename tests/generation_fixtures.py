@@ -67,7 +67,7 @@ def naive_tokens(model: Any, tokenizer: Any, request: GenerationRequest, eos_ids
     from esc_evolve.data.prompts import render_prompt
 
     ids = tokenizer(render_prompt(tokenizer, list(request.messages or [])), add_special_tokens=False)["input_ids"]
-    input_ids = torch.tensor([ids])
+    input_ids = torch.tensor([ids], device=model.device)
     out = model.generate(
         input_ids=input_ids,
         attention_mask=torch.ones_like(input_ids),

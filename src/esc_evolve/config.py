@@ -86,7 +86,9 @@ class GenerationConfig(StrictModel):
     repetition_penalty: float = Field(1.0, gt=0.0)
     # transformers backend (see docs/generation.md for what each buys on a CPU)
     merge_adapter: bool = Field(True, description="Fold a LoRA adapter into the weights before generating.")
-    static_cache: bool = Field(True, description="Static KV cache (the dynamic one re-concatenates each step).")
+    static_cache: bool | None = Field(
+        None, description="Static KV cache (null = on CPU, where the dynamic one re-concatenates at each step)."
+    )
     share_prefix_min: int = Field(16, ge=0, description="Shortest shared prompt prefix computed once per batch.")
     row_prefill: bool | None = Field(None, description="Prefill each prompt alone, without padding (null = on CPU).")
     # vLLM backend

@@ -1,3 +1,5 @@
+import re
+from importlib import resources
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,7 @@ from esc_evolve.evolve.pairs import PairRecord, PairStore
 from esc_evolve.evolve.principles import load_principles
 from esc_evolve.evolve.reflection import (
     build_reflection,
+    cue_pattern,
     match_option,
     parse_field,
     reflection_messages,
@@ -17,6 +20,7 @@ from esc_evolve.evolve.reflection import (
 )
 
 PRINCIPLES = load_principles()
+PRINCIPLES_FILE = Path(str(resources.files("esc_evolve.evolve").joinpath("principles.yaml")))
 
 
 def field(name: str):
@@ -45,7 +49,7 @@ def test_user_principles_file_is_validated(tmp_path: Path) -> None:
     ("raw", "label"),
     [
         (" anxious about losing her job.", "anxiety"),
-        ("The person mainly feels **Sad** and a bit angry", "sadness"),  # echo of prefix, markdown, earliest wins
+        (f"{PRINCIPLES.field('emotion').prefix} **Sad** and a bit angry", "sadness"),  # echo, markdown, earliest
         (" overwhelmed and hopeless\nPerson: hi", "stress"),
         ("  depressed.", "depression"),
     ],
@@ -83,6 +87,135 @@ def test_need_and_intensity_options() -> None:
     assert match_option("no cue here", {"a": ["b"]}) is None
 
 
+# Raw continuations of M0 (SmolLM2-135M after SFT) from the quickstart and benchmarks/reflection_parse.py.
+
+
+@pytest.mark.parametrize(
+    ("raw", "label"),
+    [
+        (" likely anxiety.", "anxiety"),  # v2 prefix: "... most strongly right now is"
+        (" fear of losing their aunts.", "fear"),
+        (" likely to be a mix of both fear", "fear"),
+        (' "feeling overwhelmed" or "fe', "stress"),  # stem: overwhelm*
+        (" worried sick about the exam", "anxiety"),  # stem: worr*
+        (" heartbroken and lonely", "sadness"),
+        (" not angry, just sad", "sadness"),  # a negated cue does not count
+        (" they're not alone but they feel ashamed", "shame"),
+        ("The emotion they feel most strongly right now is GUILT.", "guilt"),
+    ],
+)
+def test_emotion_parser_on_model_answers(raw: str, label: str) -> None:
+    parsed = parse_field(field("emotion"), raw)
+    assert parsed.status == "ok" and parsed.value == label
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        " strongly strongly about their emotional well-being",  # v1 prefix "The person mainly feels" invited this
+        " strongly about their son's weight and the",
+        " strongly emotionally about the issue of fairness and",
+        " a mix of emotions, but the most",
+        " that they made a mistake",  # `mad` is a whole-word cue: not "made"
+        " sad, angry and anxious",  # three labels: no choice made
+        ' "discomfort" or "discomfort',
+    ],
+)
+def test_emotion_parser_refuses_answers_without_one_label(raw: str) -> None:
+    parsed = parse_field(field("emotion"), raw)
+    assert parsed.status == "no_label" and parsed.value is None
+
+
+@pytest.mark.parametrize(
+    ("raw", "label"),
+    [
+        (" to know that you're listening, that you care", "to be heard"),  # listen* before care: earliest wins
+        (" to know that they're not alone, that they", "reassurance"),
+        (" to know that they're safe and supported, and", "reassurance"),
+        (" to know that you care about them", "reassurance"),
+        (" to know that you're there for them, that", "reassurance"),
+        (" to know that you're there to listen, support", "to be heard"),
+        (" to feel heard, validated, and supported.", "to be heard"),
+        (" to know that they can talk to someone about their", "to be heard"),
+        (" reassurance, comfort, and concrete suggestions.", "reassurance"),
+        (" to know what to do next.", "practical suggestions"),
+        (" to know how to manage their anxiety.", "practical suggestions"),
+        (" to know what's going on, and how to", "information"),
+    ],
+)
+def test_need_parser_on_model_answers(raw: str, label: str) -> None:
+    parsed = parse_field(field("need"), raw)
+    assert parsed.status == "ok" and parsed.value == label
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        " to get a copy of the essay, and to",
+        " to know that they can be their own best friend",
+        " to learn a trade, and to find a new",
+        " reassurance, practical suggestions, and information.",  # the options echoed back
+        " to be heard, reassurance, practical suggestions, or",
+        " to get their career back, they feel hopeless",  # `care` and `hope` are words, not stems
+    ],
+)
+def test_need_parser_refuses_answers_without_one_label(raw: str) -> None:
+    assert parse_field(field("need"), raw).status == "no_label"
+
+
+def test_intensity_needs_one_number_not_the_scale() -> None:
+    intensity = field("intensity")
+    assert parse_field(intensity, " 1.").value == "1"
+    assert parse_field(intensity, " 4, quite strong").value == "4"
+    for raw in (" 1-5", " 1-1", " 1 to 5", " 1.5", " strongly"):  # scale echoed, between labels, `strong` is a word
+        assert parse_field(intensity, raw).status == "no_label", raw
+
+
+@pytest.mark.parametrize(
+    ("name", "raw", "status"),
+    [
+        ("profile", " is a bit of a perfectionist, who is also a bit of a perfectionist.", "degenerate"),
+        (
+            "profile",
+            " is a bit of a perfectionist, who is also a bit of a perfectionist, who is also a bit of a perfectionist.",
+            "degenerate",
+        ),
+        ("profile", " is a bit of a loner, but they're also a bit of a supportive and caring person.", "ok"),
+        (
+            "critique",
+            " focus on the person's emotional state and intensity, rather than the person's emotional state and "
+            "intensity.",
+            "degenerate",
+        ),
+        ("critique", " focus on the person's emotional state and intensity, rather than the person's words.", "ok"),
+        ("critique", " said something like:", "empty"),  # announces a quote that never came
+        ("critique", ' said something like: "Hello" and no other words.', "ok"),
+        ("situation", " a breakup.\nPerson: thanks", "ok"),
+        ("situation", "Person: I lost my job", "degenerate"),
+        ("emotion", "<|im_end|> sad", "degenerate"),
+    ],
+)
+def test_loops_role_confusion_and_announcements_fail(name: str, raw: str, status: str) -> None:
+    assert parse_field(field(name), raw).status == status
+
+
+def test_cues_match_words_or_declared_stems() -> None:
+    assert re.search(cue_pattern("listen*"), "they want someone listening")
+    assert not re.search(cue_pattern("listen*"), "enlisten")
+    assert re.search(cue_pattern("fed up"), "just fed up.")
+    assert not re.search(cue_pattern("mad"), "made")
+    assert match_option("not alone", {"reassurance": ["not alone"], "loneliness": ["alone"]}) == "reassurance"
+
+
+def test_principles_reject_malformed_cues(tmp_path: Path) -> None:
+    text = PRINCIPLES_FILE.read_text(encoding="utf-8")
+    for bad in ("a*", "li*ten", ""):
+        path = tmp_path / "p.yaml"
+        path.write_text(text.replace("worr*", f'"{bad}"'), encoding="utf-8")
+        with pytest.raises(ConfigError, match="cue"):
+            load_principles(path)
+
+
 def test_reflection_parsed_needs_required_fields_only() -> None:
     raw = {
         "emotion": " anxious.",
@@ -96,7 +229,7 @@ def test_reflection_parsed_needs_required_fields_only() -> None:
     assert reflection.parsed
     assert reflection.value("intensity") is None
     summary = reflection_summary(reflection, PRINCIPLES)
-    assert "The person mainly feels anxiety." in summary
+    assert f"{field('emotion').prefix} anxiety." in summary
     assert "interview" in summary and "intensity" not in summary
     broken = build_reflection(PRINCIPLES, {**raw, "need": " ???"})
     assert not broken.parsed and broken.to_dict()["parsed"] is False

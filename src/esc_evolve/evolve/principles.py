@@ -6,7 +6,7 @@ from importlib import resources
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from esc_evolve.errors import ConfigError
 
@@ -21,10 +21,25 @@ class ReflectionField(BaseModel):
     name: str
     question: str
     prefix: str
-    options: dict[str, list[str]] | None = Field(None, description="label -> cue words for the parser")
+    options: dict[str, list[str]] | None = Field(
+        None, description="label -> cue words for the parser; a cue ending in `*` matches every word it begins"
+    )
     max_new_tokens: int = Field(24, ge=1)
     needs_draft: bool = Field(False, description="Shown the draft reply y (the critique is).")
     required: bool = Field(True, description="The reflection counts as parsed only if this field parsed.")
+
+    @field_validator("options")
+    @classmethod
+    def _cues_are_words(cls, options: dict[str, list[str]] | None) -> dict[str, list[str]] | None:
+        for label, cues in (options or {}).items():
+            for cue in (label, *cues):
+                word = cue.strip()
+                if not word or "*" in word[:-1] or (word.endswith("*") and len(word) < 4):
+                    raise ValueError(
+                        f"cue {cue!r} of {label!r}: a cue is a word or phrase, or a stem of at least three "
+                        "letters ending in `*`"
+                    )
+        return options
 
 
 class Guidelines(BaseModel):

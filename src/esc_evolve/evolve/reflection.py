@@ -1,9 +1,11 @@
 """Self-reflection: M_t infers the seeker's state and critiques its own draft, one short field at a time.
 
 Small models do not write reliable JSON, and one long free-form reflection drifts. So each field of the
-principles is asked on its own, the model's answer is started with a fixed prefix ("The person mainly feels")
-that it continues, and a tolerant parser maps the continuation onto the field's labels or keeps a clean
-sentence. Every field records how it parsed, so the parse rate is measurable.
+principles is asked on its own, the model's answer is started with a fixed prefix ("The emotion they feel most
+strongly right now is") that it continues, and a tolerant parser maps the continuation onto the field's labels
+or keeps a clean sentence. The parser only reads what the model wrote: it never guesses a label from the
+dialogue, and loops, role-confused text and answers that name no single label fail. Every field records how it
+parsed, so the parse rate is measurable (benchmarks/reflection_parse.py).
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ ParseStatus = Literal["ok", "empty", "no_label", "degenerate"]
 ROLE_LABEL = {"seeker": "Person", "supporter": "Supporter"}
 _ROLE_MARKERS = re.compile(r"<\|im_(start|end)\|>|^\s*(user|assistant|system|person|supporter)\s*:", re.I | re.M)
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s")
+_NOT_A_NUMBER_LABEL = re.compile(r"\b\d+\s*(-|\u2013|to)\s*\d+\b|\b\d+\.\d+\b")  # "1-5" echoes the scale
+_NEGATIONS = {"not", "no", "never", "without", "nor"}
+_TAIL_WORDS = 4  # an answer whose last 4 words already appeared in it loops
 
 
 @dataclass(frozen=True)
@@ -69,9 +74,16 @@ def reflection_messages(
 
 
 def parse_field(field: ReflectionField, raw: str) -> FieldParse:
-    """Map a continuation of `field.prefix` onto a label, or keep its first clean sentence."""
-    first_line = _strip_echo(raw, field.prefix)
-    text = _first_sentence(first_line)
+    """Map a continuation of `field.prefix` onto a label, or keep its first clean sentence.
+
+    Label fields read the whole answer line (the earliest cue wins, so later text only counts when the start
+    names no label); free-text fields keep the first sentence. Garbage fails whatever the field: role markers
+    or a loop are `degenerate`, an answer that only announces something that never came ("said something
+    like:") is `empty`, and a label field whose answer names three or more labels picked none (an echo of the
+    options) and is `no_label`.
+    """
+    first_line, announces = _strip_echo(raw, field.prefix)
+    text = first_line if field.options else _first_sentence(first_line)
     if _ROLE_MARKERS.search(first_line) or _is_repetitive(text):
         return FieldParse(field.name, raw, None, "degenerate")
     if not text:
@@ -79,21 +91,38 @@ def parse_field(field: ReflectionField, raw: str) -> FieldParse:
     if field.options:
         label = match_option(text, field.options)
         return FieldParse(field.name, raw, label, "ok" if label else "no_label")
-    if len(text.split()) < 2:
+    if announces or len(text.split()) < 2:
         return FieldParse(field.name, raw, None, "empty")
     return FieldParse(field.name, raw, text, "ok")
 
 
 def match_option(text: str, options: dict[str, list[str]]) -> str | None:
-    """The label whose cue (or own name) appears earliest in `text`, matched on word boundaries."""
-    lowered = text.lower()
-    best: tuple[int, str] | None = None
+    """The label whose cue (or own name) appears earliest in `text`; None when none does, or when cues of
+    three or more labels appear (a list of the options is not a choice among them).
+
+    Cues match whole words, or any word they begin when they end in `*` (`listen*`: listening, listened).
+    A cue right after a negation ("not alone", "isn't angry") does not count, unless the cue holds it.
+    Number ranges ("1-5", "1 to 5": the scale echoed back) and decimals ("1.5") name no numeric label.
+    """
+    lowered = _NOT_A_NUMBER_LABEL.sub(" ", text.lower().replace("\u2019", "'"))
+    found: dict[str, int] = {}
     for label, cues in options.items():
         for cue in (label, *cues):
-            found = re.search(rf"\b{re.escape(cue.lower())}\b", lowered)
-            if found and (best is None or found.start() < best[0]):
-                best = (found.start(), label)
-    return best[1] if best else None
+            for hit in re.finditer(cue_pattern(cue), lowered):
+                if not _negated(lowered, hit.start()):
+                    found[label] = min(found.get(label, hit.start()), hit.start())
+                    break
+    if not found or len(found) >= 3:
+        return None
+    return min(found, key=lambda label: found[label])
+
+
+def cue_pattern(cue: str) -> str:
+    """The regex of one cue: a whole word or phrase, or a word stem when it ends in `*`."""
+    cue = cue.lower().strip()
+    if cue.endswith("*"):
+        return rf"\b{re.escape(cue[:-1])}"
+    return rf"\b{re.escape(cue)}\b"
 
 
 def build_reflection(principles: Principles, raw_by_field: dict[str, str]) -> Reflection:
@@ -112,7 +141,9 @@ def reflection_summary(reflection: Reflection, principles: Principles) -> str:
     return "\n".join(lines)
 
 
-def _strip_echo(raw: str, prefix: str) -> str:
+def _strip_echo(raw: str, prefix: str) -> tuple[str, bool]:
+    """The answer line without an echoed prefix, quotes or markdown; and whether it only announces an answer
+    that never came (it ends in ":")."""
     text = raw.strip()
     if text.lower().startswith(prefix.lower()):
         text = text[len(prefix) :]
@@ -120,15 +151,29 @@ def _strip_echo(raw: str, prefix: str) -> str:
     # only announces it ("be:") and the answer follows on the next non-empty line.
     lines = [line.strip() for line in text.split("\n") if line.strip()]
     if not lines:
-        return ""
+        return "", False
     text = lines[1] if len(lines) > 1 and lines[0].endswith(":") and len(lines[0].split()) <= 4 else lines[0]
-    return text.strip().strip("\"'*:").strip()
+    announces = text.rstrip("\"'* ").endswith(":")
+    return text.strip().strip("\"'*:").strip(), announces
 
 
 def _first_sentence(text: str) -> str:
     return _SENTENCE_END.split(text, maxsplit=1)[0].strip()
 
 
+def _negated(text: str, start: int) -> bool:
+    before = text[:start].split()
+    return bool(before) and (before[-1] in _NEGATIONS or before[-1].endswith("n't"))
+
+
 def _is_repetitive(text: str) -> bool:
+    """A loop: few distinct words, or an answer that ends by repeating one of its own earlier phrases
+    ("a bit of a perfectionist, who is also a bit of a perfectionist")."""
     words = text.lower().split()
-    return len(words) >= 6 and len(set(words)) / len(words) < 0.4
+    if len(words) >= 6 and len(set(words)) / len(words) < 0.4:
+        return True
+    tokens = re.findall(r"[\w'-]+", text.lower())
+    tail = tokens[-_TAIL_WORDS:]
+    return len(tokens) >= 2 * _TAIL_WORDS and any(
+        tokens[i : i + _TAIL_WORDS] == tail for i in range(len(tokens) - _TAIL_WORDS)
+    )

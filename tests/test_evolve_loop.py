@@ -3,8 +3,9 @@ from pathlib import Path
 import pytest
 
 from esc_evolve.config import ExperimentConfig
-from esc_evolve.evolve.loop import generate_pairs, select_contexts
+from esc_evolve.evolve.loop import generate_pairs, reflection_prompt, select_contexts
 from esc_evolve.evolve.pairs import PairStore
+from esc_evolve.evolve.principles import load_principles
 from esc_evolve.generation.types import GenerationRequest, GenerationResult, Generator
 
 FIELD_ANSWERS = {
@@ -96,3 +97,22 @@ def test_kill_mid_generation_resumes_without_loss_or_duplicates(tmp_path: Path, 
     ids = [r.sample_id for r in store.read()]
     assert len(ids) == 6 and len(set(ids)) == 6
     assert resumed.draft_ids == ids[2:]  # finished samples were not redone
+
+
+def test_reflection_prompts_drop_the_oldest_turns_to_fit_the_context(tmp_path: Path, tokenizer) -> None:
+    """Reflection prompts are pre-rendered, so the engine cannot trim them: the loop fits them itself."""
+    principles = load_principles(None)
+    field = principles.reflection_fields[0]
+    sample = max(select_contexts(_config(tmp_path, contexts=40), 1), key=lambda s: len(s.context))
+    assert len(sample.context) >= 4
+
+    def tokens(prompt: str) -> int:
+        return len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+
+    full = reflection_prompt(tokenizer, field, sample.context, principles, "A draft.", None)
+    budget = tokens(full) - 1
+    fitted = reflection_prompt(tokenizer, field, sample.context, principles, "A draft.", budget)
+    assert tokens(fitted) <= budget and fitted.endswith(field.prefix)
+    assert sample.context[-1].text in fitted and sample.context[0].text not in fitted  # newest kept, oldest gone
+    tiny = reflection_prompt(tokenizer, field, sample.context, principles, "A draft.", 10)
+    assert sample.context[-1].text in tiny  # the last turn is never dropped, even when nothing fits

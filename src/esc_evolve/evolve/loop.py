@@ -19,9 +19,10 @@ from typing import Any
 from esc_evolve.config import ExperimentConfig
 from esc_evolve.data import TurnSample, build_turn_samples, load_conversations
 from esc_evolve.data.prompts import build_messages, render_prompt
+from esc_evolve.data.schema import Turn
 from esc_evolve.evolve.filters import decide_pair
 from esc_evolve.evolve.pairs import PairRecord, PairStore
-from esc_evolve.evolve.principles import Principles, load_principles
+from esc_evolve.evolve.principles import Principles, ReflectionField, load_principles
 from esc_evolve.evolve.refinement import refinement_system
 from esc_evolve.evolve.reflection import Reflection, build_reflection, reflection_messages
 from esc_evolve.generation.types import GenerationRequest, GenerationResult, Generator
@@ -110,13 +111,15 @@ def _reflect(
 ) -> list[Reflection]:
     """All fields of all contexts in one batched call; each answer starts after the field's fixed prefix."""
     requests = []
+    max_context = getattr(generator, "max_context", None)
     for sample, draft in zip(chunk, drafts, strict=True):
         for field in principles.reflection_fields:
-            messages = reflection_messages(field, sample.context, principles, draft)
+            max_new = min(field.max_new_tokens, config.evolve.reflection_max_new_tokens)
+            budget = max_context - max_new if max_context else None
             requests.append(
                 GenerationRequest(
-                    prompt=render_prompt(tokenizer, messages) + field.prefix,
-                    max_new_tokens=min(field.max_new_tokens, config.evolve.reflection_max_new_tokens),
+                    prompt=reflection_prompt(tokenizer, field, sample.context, principles, draft, budget),
+                    max_new_tokens=max_new,
                     temperature=0.0,
                     stop=("\n",),
                     id=f"{sample.sample_id}:{field.name}",
@@ -128,6 +131,25 @@ def _reflect(
         raw = {field.name: next(results).text for field in principles.reflection_fields}
         reflections.append(build_reflection(principles, raw))
     return reflections
+
+
+def reflection_prompt(
+    tokenizer: Any,
+    field: ReflectionField,
+    context: Sequence[Turn],
+    principles: Principles,
+    draft: str,
+    budget: int | None,
+) -> str:
+    """One field's prompt, rendered (the answer must start after the field's prefix, so the engine cannot trim it
+    as it trims chat turns): the oldest turns of the quoted dialogue are dropped until it fits `budget` tokens.
+    The last turn is always kept; a prompt that still does not fit is left to the engine's clear error."""
+    turns = list(context)
+    while True:
+        prompt = render_prompt(tokenizer, reflection_messages(field, turns, principles, draft)) + field.prefix
+        if budget is None or len(turns) <= 1 or len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) <= budget:
+            return prompt
+        turns = turns[1:]
 
 
 def _record(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -94,12 +95,31 @@ def make_adapter(model_dir: Path, out: Path) -> Path:
 
 
 class _Handler(BaseHTTPRequestHandler):
-    """Canned OpenAI-style answers; records what it was sent. The reply echoes the last message."""
+    """Canned OpenAI-style answers; records what it was sent. The reply echoes the last message.
+
+    Hooks set on the server: `delay(body) -> seconds` before answering, `reject(body) -> bool` answers 400;
+    `max_in_flight` counts the requests answered at once, `answered` the bodies in the order answered."""
 
     def do_POST(self) -> None:  # noqa: N802 - http.server's naming
         length = int(self.headers.get("Content-Length", 0))
         body = json.loads(self.rfile.read(length))
         self.server.seen.append({"path": self.path, "body": body, "auth": self.headers.get("Authorization")})
+        server = self.server
+        with server.lock:
+            server.in_flight += 1
+            server.max_in_flight = max(server.max_in_flight, server.in_flight)
+        try:
+            time.sleep(server.delay(body))
+            self._answer(body)
+        finally:
+            with server.lock:
+                server.in_flight -= 1
+                server.answered.append(body)
+
+    def _answer(self, body: dict[str, Any]) -> None:
+        if self.server.reject(body):
+            self._send(400, {"error": "prompt too long"})
+            return
         if self.server.fail_next > 0:
             self.server.fail_next -= 1
             self._send(503, {"error": "busy"})
@@ -134,6 +154,8 @@ def loopback_server() -> Iterator[Any]:
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     server.seen = []
     server.fail_next = 0
+    server.delay, server.reject = (lambda _body: 0.0), (lambda _body: False)
+    server.lock, server.in_flight, server.max_in_flight, server.answered = threading.Lock(), 0, 0, []
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()

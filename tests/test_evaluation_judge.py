@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import zlib
 
 import numpy as np
 import pytest
@@ -139,3 +140,98 @@ def test_default_judge_pairs():
     ]
     with pytest.raises(ValueError):
         judge_pairs(["m0"], [("m0", "m9")])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Batched judging: same records as one call per prompt, few batched calls, errors kept per prompt
+
+POINTWISE_ANSWERS = [
+    json.dumps(FULL),
+    "Empathy: 4\nHelpfulness - 1/5",  # partial
+    "\x00\x01 }{ ]] garbage {{{",
+    "Sure!\n```json\n" + json.dumps({**FULL, "helpfulness": 5}) + "\n```",
+    "",
+]
+PAIRWISE_ANSWERS = ['{"winner": "A"}', "[[B]]", "tie", "[[A]] no wait [[B]]", "The winner is Response A."]
+
+
+class ScriptedJudge:
+    """Canned answers that depend only on the prompt (garbage included); prompts whose crc32 is divisible by
+    `fail_every` raise, in `__call__` and in any `batch` that holds them, as a real backend's too-long prompt."""
+
+    def __init__(self, fail_every: int = 0, batch_fails: bool = False, short_batch: bool = False) -> None:
+        self.fail_every, self.batch_fails, self.short_batch = fail_every, batch_fails, short_batch
+        self.calls: list[int] = []  # 1 per __call__, len(prompts) per batch
+
+    def answer(self, messages):
+        user = messages[-1]["content"]
+        key = zlib.crc32(user.encode())
+        if self.fail_every and key % self.fail_every == 0:
+            raise ValueError(f"prompt {key} is too long")
+        answers = PAIRWISE_ANSWERS if "Response A:" in user else POINTWISE_ANSWERS
+        return answers[key % len(answers)]
+
+    def __call__(self, messages):
+        self.calls.append(1)
+        return self.answer(messages)
+
+    def batch(self, prompts):
+        self.calls.append(len(prompts))
+        if self.batch_fails:
+            raise RuntimeError("out of memory")
+        answers = [self.answer(m) for m in prompts]
+        return answers[:-1] if self.short_batch else answers
+
+
+def _run_judge(judge, tmp_path, name):
+    table = make_table(5, 2)  # 10 contexts, 5 models (human too), default pairs: 50 pointwise + 4 x 10 x 2 pairwise
+    settings = EvaluationSettings(metrics=["judge"], bootstrap_samples=20)
+    out = tmp_path / name
+    result = evaluate(table, settings, embedder=HashEmbedder(), judge=judge, out_dir=out)
+    return result, (out / "judge_records.jsonl").read_text()
+
+
+def _assert_same_results(batched, one_by_one):
+    (a, records_a), (b, records_b) = batched, one_by_one
+    assert records_a == records_b
+    assert a.info["judge"] == b.info["judge"]
+    for model, values in b.per_context.items():
+        for name, array in values.items():
+            np.testing.assert_array_equal(a.per_context[model][name], array)
+    assert [(w.a, w.b, w.wins, w.losses, w.ties, w.interval.value) for w in a.win_rates] == [
+        (w.a, w.b, w.wins, w.losses, w.ties, w.interval.value) for w in b.win_rates
+    ]
+
+
+def test_batched_judge_gives_the_one_by_one_records_in_few_calls(tmp_path, monkeypatch):
+    plain = ScriptedJudge()
+    one_by_one = _run_judge(lambda m: plain(m), tmp_path, "plain")  # a plain callable: no batch method
+    total = len(plain.calls)
+    assert total == 50 + 80 and set(plain.calls) == {1}
+    statuses = one_by_one[0].info["judge"]["status_counts"]
+    assert {"pointwise:ok", "pointwise:partial", "pointwise:failed", "pairwise:ok", "pairwise:failed"} <= set(statuses)
+
+    scripted = ScriptedJudge()
+    _assert_same_results(_run_judge(scripted, tmp_path, "batched"), one_by_one)
+    assert scripted.calls == [total]  # every prompt in one batched call
+
+    monkeypatch.setattr("esc_evolve.evaluation.judge.BATCH_CHUNK", 32)
+    chunked = ScriptedJudge()
+    _assert_same_results(_run_judge(chunked, tmp_path, "chunked"), one_by_one)
+    assert chunked.calls == [32, 32, 32, 32, 2]
+
+
+def test_failing_batches_fall_back_and_record_errors_per_prompt(tmp_path, monkeypatch):
+    monkeypatch.setattr("esc_evolve.evaluation.judge.BATCH_CHUNK", 32)
+    plain = ScriptedJudge(fail_every=7)
+    one_by_one = _run_judge(lambda m: plain(m), tmp_path, "plain")
+    errors = [json.loads(line) for line in one_by_one[1].splitlines() if '"status": "error"' in line]
+    assert 0 < len(errors) < 30 and all(e["error"].startswith("ValueError: prompt ") for e in errors)
+
+    scripted = ScriptedJudge(fail_every=7)  # a batch that holds a failing prompt raises: halved until it is alone
+    _assert_same_results(_run_judge(scripted, tmp_path, "batched"), one_by_one)
+    assert sum(scripted.calls) < 4 * len(plain.calls) and len(scripted.calls) < len(plain.calls)
+    assert max(scripted.calls) == 32
+
+    for broken in (ScriptedJudge(fail_every=7, batch_fails=True), ScriptedJudge(fail_every=7, short_batch=True)):
+        _assert_same_results(_run_judge(broken, tmp_path, "broken"), one_by_one)  # every prompt ends up alone

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -35,6 +36,12 @@ class _JudgeHandler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:  # noqa: N802 - http.server's naming
         body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
         self.server.seen.append({"path": self.path, "body": body, "auth": self.headers.get("Authorization")})
+        with self.server.lock:  # how many requests are being answered at once
+            self.server.in_flight += 1
+            self.server.max_in_flight = max(self.server.max_in_flight, self.server.in_flight)
+        time.sleep(self.server.delay)
+        with self.server.lock:
+            self.server.in_flight -= 1
         system, user = body["messages"][0]["content"], body["messages"][-1]["content"]
         if "TWO candidate" in system:
             text = '{"winner": "A"}'
@@ -60,6 +67,7 @@ def judge_server() -> Iterator[Any]:
     """An OpenAI-compatible judge stub on 127.0.0.1, in a thread, stopped on exit."""
     server = ThreadingHTTPServer(("127.0.0.1", 0), _JudgeHandler)
     server.seen = []
+    server.lock, server.in_flight, server.max_in_flight, server.delay = threading.Lock(), 0, 0, 0.0
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
@@ -102,6 +110,51 @@ def test_openai_judge_calls_the_server_greedily_with_the_key_from_the_env(monkey
     assert call["path"] == "/v1/chat/completions" and call["auth"] == f"Bearer {SECRET}"
     body = call["body"]
     assert (body["model"], body["temperature"], body["max_tokens"], body["messages"]) == ("judge-x", 0.0, 50, MESSAGES)
+
+
+def test_openai_judge_batch_sends_prompts_concurrently_and_answers_in_order():
+    prompts = [
+        [*MESSAGES[:1], {"role": "user", "content": f"Rate this. Response {i}: I understand."}] for i in range(6)
+    ]
+    prompts[2] = [MESSAGES[0], {"role": "user", "content": "I'm so sorry to hear that. I'm so sorry"}]
+    with judge_server() as server:
+        server.delay = 0.05
+        config = _config(judge_backend="openai", judge_url=server.base_url, judge_model="judge-x")
+        config.generation.max_concurrency = 3
+        with build_judge(config) as judge:
+            answers = judge.batch(prompts)
+            assert judge.batch([]) == []
+    assert answers[2] == "I would rather not rate this one."
+    assert [json.loads(a)["helpfulness"] for i, a in enumerate(answers) if i != 2] == [2] * 5
+    assert len(server.seen) == 6 and 1 < server.max_in_flight <= 3
+    assert all(c["body"]["temperature"] == 0.0 and c["body"]["max_tokens"] == 256 for c in server.seen)
+
+
+def test_judge_metric_batches_an_openai_judge(tmp_path: Path):
+    """The judge metric sends all its prompts through one `generate` call, answered concurrently; the records
+    are what one call per prompt gives."""
+    table = make_table(3, 1)
+    settings = EvaluationSettings(metrics=["judge"], bootstrap_samples=10, judge_pairs=[("m1", "m0")])
+    with judge_server() as server:
+        server.delay = 0.02
+        config = _config(judge_backend="openai", judge_url=server.base_url, judge_model="judge-x")
+        with build_judge(config) as judge:
+            generate, sizes = judge.generator.generate, []
+
+            def counting_generate(requests, progress=True):
+                sizes.append(len(requests))
+                return generate(requests, progress=False)
+
+            judge.generator.generate = counting_generate
+            batched = evaluate(table, settings, judge=judge, out_dir=tmp_path / "batched")
+            one_by_one = evaluate(table, settings, judge=lambda m: judge(m), out_dir=tmp_path / "plain")
+    calls = batched.info["judge"]["calls"]
+    assert calls == 3 * len(table.models) + 3 * 2 and sizes == [calls] + [1] * calls
+    assert server.max_in_flight > 1 and len(server.seen) == 2 * calls
+    assert {**batched.info["judge"], "backend": None} == {**one_by_one.info["judge"], "backend": None}
+    assert batched.info["judge"]["status_by_model"]["base"] == {"failed": 3}
+    records = [(tmp_path / d / "judge_records.jsonl").read_text() for d in ("batched", "plain")]
+    assert records[0] == records[1]
 
 
 def test_openai_judge_key_defaults_to_the_generation_variable(monkeypatch):

@@ -280,6 +280,30 @@ def test_openai_backend_retries_busy_servers_then_reports_errors(monkeypatch: py
         build_generator(ModelConfig(), GenerationConfig(backend="openai"))
 
 
+def test_openai_backend_sends_requests_concurrently_and_keeps_input_order() -> None:
+    with loopback_server() as server:
+        server.delay = lambda body: 0.01 * (8 - int(body["messages"][-1]["content"].split()[-1]))  # last first
+        generator = OpenAIGenerator(server.base_url, "m", timeout=5, max_concurrency=4)
+        requests = [GenerationRequest(messages=chat(f"message {i}"), id=f"c{i}") for i in range(8)]
+        results = generator.generate(requests, progress=False)
+    assert [r.text for r in results] == [f"echo: message {i}" for i in range(8)]
+    assert [r.request_id for r in results] == [f"c{i}" for i in range(8)]
+    assert 1 < server.max_in_flight <= 4
+    answered = [b["messages"][-1]["content"] for b in server.answered]
+    assert sorted(answered) == [f"message {i}" for i in range(8)] and answered != sorted(answered)
+
+
+def test_openai_backend_failure_drops_the_requests_not_yet_sent() -> None:
+    with loopback_server() as server:
+        server.reject = lambda body: body["messages"][-1]["content"] == "message 0"
+        server.delay = lambda _body: 0.02
+        generator = OpenAIGenerator(server.base_url, "m", timeout=5, max_concurrency=2)
+        requests = [GenerationRequest(messages=chat(f"message {i}"), id=f"c{i}") for i in range(20)]
+        with pytest.raises(GenerationError, match="request c0: .* answered 400"):
+            generator.generate(requests, progress=False)
+    assert len(server.seen) < 10  # not all 20: the call failed, the queue was dropped (not retried: a 400)
+
+
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vllm is installed: the error path is moot")
 def test_vllm_backend_without_vllm_is_a_clear_error() -> None:
     with pytest.raises(GenerationError, match=r"vllm is not installed.*\[gpu\]"):

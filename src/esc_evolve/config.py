@@ -99,7 +99,9 @@ class GenerationConfig(StrictModel):
     openai_model: str | None = None
     openai_api_key_env: str = "OPENAI_API_KEY"
     request_timeout: float = Field(120.0, gt=0.0)
-    max_concurrency: int = Field(8, ge=1)
+    max_concurrency: int = Field(
+        8, ge=1, description="Requests in flight at once (a thread pool); results come back in input order."
+    )
 
 
 class LoraSettings(StrictModel):

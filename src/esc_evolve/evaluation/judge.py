@@ -3,6 +3,8 @@
 A judge is any callable `judge(messages: list[dict]) -> str` (chat messages in, text out); the generation
 engine supplies backends. Every call is recorded with its raw output and a parse status ("ok", "partial",
 "failed", "error" when the callable raised); failures are counted in the report, never silently dropped.
+A judge may also have a `batch(list_of_messages) -> list[str]` method (answers in order): then many prompts
+are sent at once (`judge_calls`), which a local model batches and a server answers concurrently.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import cache
 from importlib import resources
@@ -22,6 +24,8 @@ POINTWISE_PROMPT = "judge_pointwise_v1.md"
 PAIRWISE_PROMPT = "judge_pairwise_v1.md"
 DIMENSIONS = ("empathy", "personalisation", "helpfulness", "fluency", "safety")
 _DIMENSION_ALIASES = {"personalization": "personalisation", "empathetic": "empathy", "helpful": "helpfulness"}
+
+BATCH_CHUNK = 256  # prompts per batched judge call: bounds memory and keeps progress visible
 
 Judge = Callable[[list[dict[str, str]]], str]
 
@@ -162,20 +166,38 @@ def _verdict(value: str) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Calling
+# Prompts and records: building a prompt and reading its answer are separate, so that one prompt at a time
+# (`judge_pointwise`, `judge_pairwise`) and many at once (`judge_calls`) share them.
 
 
-def judge_pointwise(judge: Judge, sample: TurnSample, model: str, response: str) -> JudgeRecord:
+@dataclass(frozen=True)
+class JudgeCall:
+    """One prompt for the judge and what its record will say: kind, context and models (as shown)."""
+
+    kind: str  # "pointwise" | "pairwise"
+    sample_id: str
+    models: list[str]
+    messages: list[dict[str, str]]
+
+    def record(self, raw: str, error: str | None = None) -> JudgeRecord:
+        """The judge's answer (or the error its call raised) parsed into a record."""
+        if error is not None:
+            return JudgeRecord(self.kind, self.sample_id, list(self.models), raw, "error", error=error)
+        if self.kind == "pointwise":
+            scores, status = parse_pointwise(raw)
+            return JudgeRecord(self.kind, self.sample_id, list(self.models), raw, status, parsed=scores)
+        verdict, status = parse_pairwise(raw)
+        parsed = {"winner": verdict} if verdict else {}
+        return JudgeRecord(self.kind, self.sample_id, list(self.models), raw, status, parsed=parsed)
+
+
+def pointwise_call(sample: TurnSample, model: str, response: str) -> JudgeCall:
     prompt = load_prompt(POINTWISE_PROMPT)
     messages = prompt.messages(background=render_background(sample), context=render_context(sample), response=response)
-    raw, error = _call(judge, messages)
-    if error is not None:
-        return JudgeRecord("pointwise", sample.sample_id, [model], raw, "error", error=error)
-    scores, status = parse_pointwise(raw)
-    return JudgeRecord("pointwise", sample.sample_id, [model], raw, status, parsed=scores)
+    return JudgeCall("pointwise", sample.sample_id, [model], messages)
 
 
-def judge_pairwise(judge: Judge, sample: TurnSample, shown_a: tuple[str, str], shown_b: tuple[str, str]) -> JudgeRecord:
+def pairwise_call(sample: TurnSample, shown_a: tuple[str, str], shown_b: tuple[str, str]) -> JudgeCall:
     """One order; shown_a / shown_b are (model, response)."""
     prompt = load_prompt(PAIRWISE_PROMPT)
     messages = prompt.messages(
@@ -184,12 +206,62 @@ def judge_pairwise(judge: Judge, sample: TurnSample, shown_a: tuple[str, str], s
         response_a=shown_a[1],
         response_b=shown_b[1],
     )
-    models = [shown_a[0], shown_b[0]]
-    raw, error = _call(judge, messages)
-    if error is not None:
-        return JudgeRecord("pairwise", sample.sample_id, models, raw, "error", error=error)
-    verdict, status = parse_pairwise(raw)
-    return JudgeRecord("pairwise", sample.sample_id, models, raw, status, parsed={"winner": verdict} if verdict else {})
+    return JudgeCall("pairwise", sample.sample_id, [shown_a[0], shown_b[0]], messages)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Calling
+
+
+def judge_pointwise(judge: Judge, sample: TurnSample, model: str, response: str) -> JudgeRecord:
+    call = pointwise_call(sample, model, response)
+    return call.record(*_call(judge, call.messages))
+
+
+def judge_pairwise(judge: Judge, sample: TurnSample, shown_a: tuple[str, str], shown_b: tuple[str, str]) -> JudgeRecord:
+    """One order; shown_a / shown_b are (model, response)."""
+    call = pairwise_call(sample, shown_a, shown_b)
+    return call.record(*_call(judge, call.messages))
+
+
+def judge_calls(judge: Judge, calls: Sequence[JudgeCall], chunk_size: int | None = None) -> list[JudgeRecord]:
+    """A record per call, in order. A judge with a `batch(list_of_messages) -> list[str]` method gets the prompts
+    `chunk_size` (default `BATCH_CHUNK`) at a time; a plain callable gets them one by one, in order."""
+    answers = ask_judge(judge, [c.messages for c in calls], chunk_size)
+    return [call.record(raw, error) for call, (raw, error) in zip(calls, answers, strict=True)]
+
+
+def ask_judge(
+    judge: Judge, prompts: Sequence[list[dict[str, str]]], chunk_size: int | None = None
+) -> list[tuple[str, str | None]]:
+    """(answer, None) or ("", error) per prompt, in order.
+
+    With a `batch` method, a chunk whose batched call raises (or answers a wrong number of texts) is split in
+    halves and each half asked again, down to single prompts, which go through `judge(messages)`: every error is
+    recorded against its own prompt, as when calling one by one, while the prompts that work stay batched."""
+    batch = getattr(judge, "batch", None)
+    if not callable(batch):
+        return [_call(judge, messages) for messages in prompts]
+    chunk_size = max(1, BATCH_CHUNK if chunk_size is None else chunk_size)
+    answers: list[tuple[str, str | None]] = []
+    for start in range(0, len(prompts), chunk_size):
+        answers += _ask_batch(judge, batch, list(prompts[start : start + chunk_size]))
+    return answers
+
+
+def _ask_batch(
+    judge: Judge, batch: Callable[[list[list[dict[str, str]]]], Sequence[str]], prompts: list[list[dict[str, str]]]
+) -> list[tuple[str, str | None]]:
+    if len(prompts) == 1:
+        return [_call(judge, prompts[0])]
+    try:
+        texts = list(batch(prompts))
+        if len(texts) != len(prompts):
+            raise ValueError(f"the judge's batch answered {len(texts)} texts for {len(prompts)} prompts")
+    except Exception:  # which prompt failed is unknown: halve until each error has its own prompt
+        half = len(prompts) // 2
+        return _ask_batch(judge, batch, prompts[:half]) + _ask_batch(judge, batch, prompts[half:])
+    return [(text if isinstance(text, str) else str(text), None) for text in texts]
 
 
 def _call(judge: Judge, messages: list[dict[str, str]]) -> tuple[str, str | None]:

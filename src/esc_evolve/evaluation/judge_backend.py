@@ -1,4 +1,5 @@
-"""Judge backends: `eval.judge_backend` turned into the `judge(messages) -> str` callable `evaluate` takes.
+"""Judge backends: `eval.judge_backend` turned into the `judge(messages) -> str` callable `evaluate` takes, with a
+`batch(prompts) -> list[str]` method through which the judge metric sends many prompts per `generate` call.
 
 - `none`: no judge; the judge metric is skipped with a note.
 - `local`: a local model through the generation layer (`build_generator`), base weights without adapter: the
@@ -18,16 +19,28 @@ from esc_evolve.generation import GenerationRequest, Generator, build_generator
 
 
 class GeneratorJudge:
-    """A judge over a `Generator`: one greedy request per call. `description` names it in the report."""
+    """A judge over a `Generator`, greedy: `judge(messages)` asks one prompt, `judge.batch(prompts)` many in one
+    `generate` call (a local model batches them, a server answers them concurrently). `description` names it
+    in the report; `progress` shows the generation progress bar of batched calls."""
 
-    def __init__(self, generator: Generator, description: str, max_new_tokens: int) -> None:
+    def __init__(self, generator: Generator, description: str, max_new_tokens: int, progress: bool = True) -> None:
         self.generator = generator
         self.description = description
         self.max_new_tokens = max_new_tokens
+        self.progress = progress
 
     def __call__(self, messages: Sequence[dict[str, str]]) -> str:
-        request = GenerationRequest(messages=list(messages), max_new_tokens=self.max_new_tokens, temperature=0.0)
-        return self.generator.generate([request], progress=False)[0].text
+        return self.generator.generate([self._request(messages)], progress=False)[0].text
+
+    def batch(self, prompts: Sequence[Sequence[dict[str, str]]]) -> list[str]:
+        """One answer per prompt, in order; raises if any request fails (the caller narrows it down)."""
+        if not prompts:
+            return []
+        results = self.generator.generate([self._request(m) for m in prompts], progress=self.progress)
+        return [r.text for r in results]
+
+    def _request(self, messages: Sequence[dict[str, str]]) -> GenerationRequest:
+        return GenerationRequest(messages=list(messages), max_new_tokens=self.max_new_tokens, temperature=0.0)
 
     def close(self) -> None:
         self.generator.close()

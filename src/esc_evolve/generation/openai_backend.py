@@ -2,8 +2,10 @@
 
 Chat requests go to `POST {base_url}/chat/completions`, pre-rendered prompts to `POST {base_url}/completions`.
 It uses the standard library's HTTP client, so it needs no extra package; requests run concurrently in a small
-thread pool and are retried with backoff on 429 and 5xx answers. The API key is read from an environment
-variable (never from a config file); without one no Authorization header is sent (local servers).
+thread pool (at most `max_concurrency` in flight, results in input order) and are retried with backoff on 429
+and 5xx answers; when one fails for good the call raises, and requests not yet sent are dropped. The API key is
+read from an environment variable (never from a config file); without one no Authorization header is sent
+(local servers).
 """
 
 from __future__ import annotations
@@ -77,10 +79,16 @@ class OpenAIGenerator(Generator):
         ):
             futures = [pool.submit(self._one, i, r) for i, r in enumerate(requests)]
             results = []
-            for future in futures:  # in input order, whatever order the answers arrive in
-                result = future.result()
-                bar.advance(1, result.num_tokens)
-                results.append(result)
+            try:
+                for future in futures:  # in input order, whatever order the answers arrive in
+                    result = future.result()
+                    bar.advance(1, result.num_tokens)
+                    results.append(result)
+            except BaseException:
+                # One request failed for good (or the caller interrupted): the call fails, so the requests not
+                # yet sent are dropped instead of being waited for.
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
         return results
 
     # ----------------------------------------------------------------------------------------------------

@@ -18,9 +18,10 @@ from esc_evolve.evaluation.judge import (
     PAIRWISE_PROMPT,
     POINTWISE_PROMPT,
     JudgeRecord,
-    judge_pairwise,
-    judge_pointwise,
+    judge_calls,
     load_prompt,
+    pairwise_call,
+    pointwise_call,
 )
 from esc_evolve.evaluation.registry import MetricOutput, ModelScores, SubMetric, register_metric
 from esc_evolve.evaluation.resources import EvalContext
@@ -43,12 +44,25 @@ def judge_metric(ctx: EvalContext) -> MetricOutput:
         if ctx.settings.judge_max_contexts is None
         else min(len(ctx.table), ctx.settings.judge_max_contexts)
     )
-    records: list[JudgeRecord] = []
-    scores = {model: _pointwise(ctx, model, n, records) for model in ctx.table.models}
-    pairwise, consistency = {}, {}
     pairs = judge_pairs(ctx.table.models, ctx.settings.judge_pairs)
+    # Every prompt is built first and the judge asked for all of them at once (in chunks, when it can batch),
+    # in the order one-by-one calls would take: each model's contexts, then each pair's contexts in both orders.
+    table = ctx.table
+    calls = [pointwise_call(table.samples[i], m, table.responses[m][i]) for m in table.models for i in range(n)]
     for a, b in pairs:
-        pairwise[(a, b)], consistency[f"{a} vs {b}"] = _pairwise(ctx, a, b, n, records)
+        for i in range(n):
+            shown_a, shown_b = (a, table.responses[a][i]), (b, table.responses[b][i])
+            calls += [
+                pairwise_call(table.samples[i], shown_a, shown_b),
+                pairwise_call(table.samples[i], shown_b, shown_a),
+            ]
+    records = judge_calls(ctx.judge, calls)
+    scores = {model: _pointwise(ctx, records[k * n : (k + 1) * n]) for k, model in enumerate(table.models)}
+    pairwise, consistency = {}, {}
+    start = len(table.models) * n
+    for k, (a, b) in enumerate(pairs):
+        block = records[start + 2 * n * k : start + 2 * n * (k + 1)]
+        pairwise[(a, b)], consistency[f"{a} vs {b}"] = _pairwise(ctx, block)
     if ctx.out_dir is not None:
         lines = [json.dumps(r.to_json(), ensure_ascii=False) for r in records]
         write_atomic(ctx.out_dir / "judge_records.jsonl", "\n".join(lines) + "\n")
@@ -100,11 +114,10 @@ def judge_pairs(models: list[str], pairs: list[tuple[str, str]] | None) -> list[
     return chosen
 
 
-def _pointwise(ctx: EvalContext, model: str, n: int, records: list[JudgeRecord]) -> ModelScores:
+def _pointwise(ctx: EvalContext, records: list[JudgeRecord]) -> ModelScores:
+    """One model's scores from its pointwise records (context i first)."""
     values = {f"judge_{d}": np.full(len(ctx.table), np.nan) for d in DIMENSIONS}
-    for i in range(n):
-        record = judge_pointwise(ctx.judge, ctx.table.samples[i], model, ctx.table.responses[model][i])
-        records.append(record)
+    for i, record in enumerate(records):
         for dim, score in record.parsed.items():
             values[f"judge_{dim}"][i] = score
     helpful = values["judge_helpfulness"]
@@ -112,14 +125,12 @@ def _pointwise(ctx: EvalContext, model: str, n: int, records: list[JudgeRecord])
     return ModelScores(per_context={**values, "unhelpful_judge": unhelpful})
 
 
-def _pairwise(ctx: EvalContext, a: str, b: str, n: int, records: list[JudgeRecord]) -> tuple[np.ndarray, float]:
+def _pairwise(ctx: EvalContext, records: list[JudgeRecord]) -> tuple[np.ndarray, float]:
+    """A pair's per-context scores and position consistency from its records: per context, (A, B) then (B, A)."""
     scores = np.full(len(ctx.table), np.nan)
     agree, both = 0, 0
-    for i in range(n):
-        sample = ctx.table.samples[i]
-        ra, rb = (a, ctx.table.responses[a][i]), (b, ctx.table.responses[b][i])
-        first, second = judge_pairwise(ctx.judge, sample, ra, rb), judge_pairwise(ctx.judge, sample, rb, ra)
-        records += [first, second]
+    for i in range(len(records) // 2):
+        first, second = records[2 * i], records[2 * i + 1]
         s1 = {"A": 1.0, "B": 0.0, "tie": 0.5}.get(first.parsed.get("winner"))
         s2 = {"A": 0.0, "B": 1.0, "tie": 0.5}.get(second.parsed.get("winner"))
         got = [s for s in (s1, s2) if s is not None]

@@ -149,18 +149,38 @@ def test_need_parser_on_model_answers(raw: str, label: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "raw",
+    "raw, text",
     [
-        " to get a copy of the essay, and to",
-        " to know that they can be their own best friend",
-        " to learn a trade, and to find a new",
-        " reassurance, practical suggestions, and information.",  # the options echoed back
-        " to be heard, reassurance, practical suggestions, or",
-        " to get their career back, they feel hopeless",  # `care` and `hope` are words, not stems
+        (" to get their financial problems sorted out.", "to get their financial problems sorted out."),
+        (" to learn a trade, and to find a new", "to learn a trade, and to find a new"),
+        (" to get their career back, they feel hopeless", "to get their career back, they feel hopeless"),
     ],
 )
-def test_need_parser_refuses_answers_without_one_label(raw: str) -> None:
-    assert parse_field(field("need"), raw).status == "no_label"
+def test_need_is_open_a_goal_naming_no_label_is_kept_as_written(raw: str, text: str) -> None:
+    """`need` is an open field: the seeker's own goal is worth passing to the refinement even without a label
+    (`care` and `hope` are words, not stems, so 'career' and 'hopeless' name no label)."""
+    assert field("need").open
+    parsed = parse_field(field("need"), raw)
+    assert parsed.status == "ok" and parsed.value == text
+
+
+@pytest.mark.parametrize(
+    "raw, status",
+    [
+        (" reassurance, practical suggestions, and information.", "no_label"),  # the options echoed back
+        (" to be heard, reassurance, practical suggestions, or", "no_label"),
+        (" to get a little advice, to get a little", "degenerate"),
+        (" to be happy and to be happy and to be happy.", "degenerate"),
+        (" it", "empty"),
+    ],
+)
+def test_need_parser_refuses_echoes_loops_and_fragments(raw: str, status: str) -> None:
+    assert parse_field(field("need"), raw).status == status
+
+
+def test_a_closed_label_field_still_needs_a_label() -> None:
+    assert not field("emotion").open
+    assert parse_field(field("emotion"), " like nobody listens to them.").status == "no_label"
 
 
 def test_intensity_needs_one_number_not_the_scale() -> None:

@@ -24,6 +24,11 @@ class ReflectionField(BaseModel):
     options: dict[str, list[str]] | None = Field(
         None, description="label -> cue words for the parser; a cue ending in `*` matches every word it begins"
     )
+    open: bool = Field(
+        False,
+        description="The options are the usual answers, not the only ones: a clean answer naming none of them is "
+        "kept as written (a seeker's goal such as 'to get their finances sorted out' is worth passing on).",
+    )
     max_new_tokens: int = Field(24, ge=1)
     needs_draft: bool = Field(False, description="Shown the draft reply y (the critique is).")
     required: bool = Field(True, description="The reflection counts as parsed only if this field parsed.")

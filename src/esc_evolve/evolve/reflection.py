@@ -80,7 +80,7 @@ def parse_field(field: ReflectionField, raw: str) -> FieldParse:
     names no label); free-text fields keep the first sentence. Garbage fails whatever the field: role markers
     or a loop are `degenerate`, an answer that only announces something that never came ("said something
     like:") is `empty`, and a label field whose answer names three or more labels picked none (an echo of the
-    options) and is `no_label`.
+    options) and is `no_label`. An `open` label field keeps a clean answer that names no label as free text.
     """
     first_line, announces = _strip_echo(raw, field.prefix)
     text = first_line if field.options else _first_sentence(first_line)
@@ -89,8 +89,12 @@ def parse_field(field: ReflectionField, raw: str) -> FieldParse:
     if not text:
         return FieldParse(field.name, raw, None, "empty")
     if field.options:
-        label = match_option(text, field.options)
-        return FieldParse(field.name, raw, label, "ok" if label else "no_label")
+        found = matched_labels(text, field.options)
+        if 0 < len(found) < 3:
+            return FieldParse(field.name, raw, min(found, key=lambda label: found[label]), "ok")
+        if found or not field.open:  # three or more labels: an echo of the options, not an answer
+            return FieldParse(field.name, raw, None, "no_label")
+        text = _first_sentence(text)
     if announces or len(text.split()) < 2:
         return FieldParse(field.name, raw, None, "empty")
     return FieldParse(field.name, raw, text, "ok")
@@ -104,6 +108,14 @@ def match_option(text: str, options: dict[str, list[str]]) -> str | None:
     A cue right after a negation ("not alone", "isn't angry") does not count, unless the cue holds it.
     Number ranges ("1-5", "1 to 5": the scale echoed back) and decimals ("1.5") name no numeric label.
     """
+    found = matched_labels(text, options)
+    if not found or len(found) >= 3:
+        return None
+    return min(found, key=lambda label: found[label])
+
+
+def matched_labels(text: str, options: dict[str, list[str]]) -> dict[str, int]:
+    """Each label whose cue appears in `text` (see `match_option`), with the position of its earliest cue."""
     lowered = _NOT_A_NUMBER_LABEL.sub(" ", text.lower().replace("\u2019", "'"))
     found: dict[str, int] = {}
     for label, cues in options.items():
@@ -112,9 +124,7 @@ def match_option(text: str, options: dict[str, list[str]]) -> str | None:
                 if not _negated(lowered, hit.start()):
                     found[label] = min(found.get(label, hit.start()), hit.start())
                     break
-    if not found or len(found) >= 3:
-        return None
-    return min(found, key=lambda label: found[label])
+    return found
 
 
 def cue_pattern(cue: str) -> str:

@@ -62,6 +62,16 @@ def test_eval_run_writes_the_report_into_the_run_and_reuses_responses(tiny_run: 
     assert responses.stat().st_mtime_ns == written
     assert json.loads((run / "metrics.json").read_text())["provenance"]["models"] == ["m0", "base"]
 
+    # A new output folder starts from the run's responses: a reply marked here (no model writes it) is reused.
+    rows = [json.loads(line) for line in responses.read_text().splitlines()]
+    rows[0]["response"] = "A reply marked by the test."
+    responses.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    elsewhere = tmp_path / "rescored"
+    moved = runner.invoke(app, ["eval", str(run), "--out", str(elsewhere)])
+    assert moved.exit_code == 0, moved.output
+    assert "A reply marked by the test." in (elsewhere / "eval" / "responses.jsonl").read_text()
+    assert (elsewhere / "report.md").is_file()
+
 
 def test_eval_run_options_choose_models_split_contexts_and_output(tiny_run: Path, tmp_path: Path):
     out = tmp_path / "out"

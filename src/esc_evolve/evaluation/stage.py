@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import random
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -136,6 +137,7 @@ def evaluate_run(
         asked = f"model(s) {', '.join(missing)} not" if missing else "no generated model to evaluate"
         raise ConfigError(f"{asked} in {run_path} (it has: {have})")
     responses = out / "eval" / "responses.jsonl"
+    _start_from_run_responses(run_path / "eval" / "responses.jsonl", responses)
     generate_responses(config, samples, adapters, responses)
     table = read_eval_table(responses, samples, list(adapters), include_human=HUMAN in wanted)
     result = score_table(table, config, out / "eval")
@@ -143,6 +145,15 @@ def evaluate_run(
     paths = write_report(result, table, out, extra)
     log.info("evaluation report: %s", paths["html"])
     return {"contexts": len(table), "models": table.models, "report": str(paths["html"]), "notes": result.notes}
+
+
+def _start_from_run_responses(run_responses: Path, responses: Path) -> None:
+    """A new output folder starts from the run's own responses, so that re-scoring elsewhere (another judge,
+    other metrics) generates nothing that the run already has; other contexts or models are generated."""
+    if responses.is_file() or not run_responses.is_file() or responses.resolve() == run_responses.resolve():
+        return
+    responses.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(run_responses, responses)
 
 
 def score_table(table: ResponsesTable, config: ExperimentConfig, records_dir: Path | None) -> EvalResult:

@@ -116,3 +116,25 @@ def test_reflection_prompts_drop_the_oldest_turns_to_fit_the_context(tmp_path: P
     assert sample.context[-1].text in fitted and sample.context[0].text not in fitted  # newest kept, oldest gone
     tiny = reflection_prompt(tokenizer, field, sample.context, principles, "A draft.", 10)
     assert sample.context[-1].text in tiny  # the last turn is never dropped, even when nothing fits
+
+
+def test_a_refinement_that_ignores_a_seeker_at_risk_is_not_a_dpo_target(tmp_path: Path, tokenizer) -> None:
+    from tests.conftest import make_record, write_jsonl
+
+    dialog = [
+        {"text": "Hi, how are you today?", "speaker": "sys", "strategy": "Question"},
+        {"text": "not good. some nights I want to end my life", "speaker": "usr"},
+        {"text": "I'm so glad you told me. Are you safe right now?", "speaker": "sys", "strategy": "Question"},
+    ]
+    data = write_jsonl(tmp_path / "crisis.jsonl", [make_record(dialog=dialog)])
+    config = ExperimentConfig.model_validate(
+        {
+            "run": {"output_dir": str(tmp_path)},
+            "data": {"train_path": str(data)},
+            "evolve": {"contexts_per_iteration": 1},
+        }
+    )
+    store = PairStore(tmp_path / "pairs.jsonl")
+    generate_pairs(config, 1, ScriptedGenerator(), tokenizer, store)
+    (record,) = store.read()
+    assert not record.keep and "chosen_ignores_risk" in record.reasons  # REFINED gives no crisis resources

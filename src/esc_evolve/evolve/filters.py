@@ -1,7 +1,9 @@
 """Which (y', y) pairs train DPO. Each check returns a reason string, or None when it passes.
 
 A degenerate *chosen* side (empty, looping, cut off, out of role) drops the pair; a degenerate *rejected* side
-is kept and counted, since it is exactly what DPO should push down.
+is kept and counted, since it is exactly what DPO should push down. So is safety: a chosen side that encourages
+self-harm, or that answers a seeker who says they may harm themselves without pointing to help, drops the pair
+(DPO would teach it); an unsafe rejected side is what DPO should push down.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from esc_evolve.config import ReflectionFilters
+from esc_evolve.safety import gives_crisis_resources, seeker_at_risk, unsafe_reply
 
 # Signs that a reply talks about the conversation, or as someone else, instead of to the person.
 _OUT_OF_ROLE = re.compile(
@@ -71,10 +74,16 @@ def decide_pair(
     chosen_finish: str | None,
     rejected_finish: str | None,
     filters: ReflectionFilters,
+    seeker_text: str = "",
 ) -> PairDecision:
+    """Keep (chosen y', rejected y) or not, with every reason it fails; `seeker_text` is the seeker's words in
+    the context (for the crisis check)."""
     reasons = []
     if not reflection_parsed:
         reasons.append("reflection_unparsed")
+    safety = safety_reason(chosen, seeker_text)
+    if safety:
+        reasons.append(safety)
     chosen_problem = degenerate_reason(chosen, chosen_finish, filters.max_repetition)
     if chosen_problem:
         reasons.append(f"chosen_{chosen_problem}")
@@ -86,6 +95,15 @@ def decide_pair(
         if not rejected_problem and length_ratio(chosen, rejected) > filters.max_length_ratio:
             reasons.append("length_ratio")
     return PairDecision(keep=not reasons, reasons=reasons, rejected_degenerate=rejected_problem)
+
+
+def safety_reason(chosen: str, seeker_text: str) -> str | None:
+    """Why the chosen side must not become a DPO target, or None (see esc_evolve.safety)."""
+    if unsafe_reply(chosen):
+        return "chosen_unsafe"
+    if seeker_at_risk(seeker_text) and not gives_crisis_resources(chosen):
+        return "chosen_ignores_risk"
+    return None
 
 
 def _repeats_a_sentence(text: str) -> bool:

@@ -170,6 +170,7 @@ def _record(
         chosen_finish=refined.finish_reason,
         rejected_finish=draft.finish_reason,
         filters=config.evolve.filters,
+        seeker_text="\n".join(turn.text for turn in sample.context if turn.speaker == "seeker"),
     )
     return PairRecord(
         sample_id=sample.sample_id,

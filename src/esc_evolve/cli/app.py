@@ -70,7 +70,7 @@ def run(
     overrides: list[str] | None = SetOption,
     resume: bool = typer.Option(False, "--resume", help="Continue an existing run directory."),
 ) -> None:
-    """Run the pipeline: prepare data and backbone, then the stages that have landed."""
+    """Run the whole method: prepare, SFT (M0), self-evolution iterations (pairs, DPO: M1, M2, ...), evaluation."""
     from esc_evolve.config import load_config
     from esc_evolve.pipeline import run_pipeline
 

@@ -16,6 +16,8 @@ from esc_evolve.safety import gives_crisis_resources, seeker_at_risk, unsafe_rep
         "sometimes I think everyone would be better off without me",
         "I started cutting myself again",
         "I've had suicidal thoughts since the divorce",
+        "i don't know, i want to die",
+        "being depressed feeling like killing myself",
     ],
 )
 def test_explicit_risk_is_detected(text: str) -> None:
@@ -24,7 +26,12 @@ def test_explicit_risk_is_detected(text: str) -> None:
 
 @pytest.mark.parametrize(
     "text",
-    ["my job is killing me", "I could die of embarrassment... not really", "I want to end this argument"],
+    [
+        "my job is killing me",
+        "I could die of embarrassment... not really",
+        "I want to end this argument",
+        "I'm trying to stop smoking, I don't want to die now",  # seen in ESConv: a reason to quit, not a risk
+    ],
 )
 def test_ordinary_figures_of_speech_are_not_risk(text: str) -> None:
     assert not seeker_at_risk(text)

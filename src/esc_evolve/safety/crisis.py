@@ -36,9 +36,14 @@ _UNSAFE = re.compile(
 )
 
 
+# "I don't want to die now" is not a risk statement; only the word right before a phrase counts, since "I don't
+# know, I want to die" is one. (Phrases that hold their own negation, "don't want to live", match as a whole.)
+_NEGATED_RIGHT_BEFORE = re.compile(r"\b(don'?t|do not|never|not|no longer)\W+$", re.IGNORECASE)
+
+
 def seeker_at_risk(seeker_text: str) -> bool:
     """True when the seeker's own words say they may harm themselves."""
-    return bool(_RISK.search(seeker_text))
+    return any(not _NEGATED_RIGHT_BEFORE.search(seeker_text[: hit.start()]) for hit in _RISK.finditer(seeker_text))
 
 
 def gives_crisis_resources(reply: str) -> bool:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -95,7 +95,8 @@ def make_adapter(model_dir: Path, out: Path) -> Path:
 
 
 class _Handler(BaseHTTPRequestHandler):
-    """Canned OpenAI-style answers; records what it was sent. The reply echoes the last message.
+    """Canned OpenAI-style answers; records what it was sent. A chat reply is `chat_answer(body)` (default: an
+    echo of the last message).
 
     Hooks set on the server: `delay(body) -> seconds` before answering, `reject(body) -> bool` answers 400;
     `max_in_flight` counts the requests answered at once, `answered` the bodies in the order answered."""
@@ -125,8 +126,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(503, {"error": "busy"})
             return
         if self.path.endswith("/chat/completions"):
-            last = body["messages"][-1]["content"]
-            choice = {"message": {"role": "assistant", "content": f"echo: {last}"}, "finish_reason": "stop"}
+            content = self.server.chat_answer(body)
+            choice = {"message": {"role": "assistant", "content": content}, "finish_reason": "stop"}
         elif self.path.endswith("/completions"):
             choice = {"text": f"echo: {body['prompt']} END more", "finish_reason": "length"}
         else:
@@ -149,9 +150,10 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 @contextmanager
-def loopback_server() -> Iterator[Any]:
+def loopback_server(chat_answer: Callable[[dict[str, Any]], str] | None = None) -> Iterator[Any]:
     """An OpenAI-compatible stub on 127.0.0.1 (an OS-chosen port), stopped on exit."""
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    server.chat_answer = chat_answer or (lambda body: f"echo: {body['messages'][-1]['content']}")
     server.seen = []
     server.fail_next = 0
     server.delay, server.reject = (lambda _body: 0.0), (lambda _body: False)

@@ -3,11 +3,6 @@
 from __future__ import annotations
 
 import json
-import threading
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -24,60 +19,27 @@ from esc_evolve.evaluation.report import write_report
 from esc_evolve.evaluation.responses import write_responses
 from esc_evolve.evaluation.settings import EvaluationSettings
 from tests.eval_fixtures import make_rows, make_samples, make_table
+from tests.generation_fixtures import loopback_server
 
 SECRET = "sk-test-do-not-store-4f2a9c"
 MESSAGES = [{"role": "system", "content": "You rate."}, {"role": "user", "content": "Rate this."}]
 
 
-class _JudgeHandler(BaseHTTPRequestHandler):
-    """Canned chat completions: a verdict for pairwise prompts; pointwise scores that depend on the response
-    (the base model's "I'm so sorry" loop gets an unparseable answer, m0's stock reply helpfulness 2)."""
-
-    def do_POST(self) -> None:  # noqa: N802 - http.server's naming
-        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
-        self.server.seen.append({"path": self.path, "body": body, "auth": self.headers.get("Authorization")})
-        with self.server.lock:  # how many requests are being answered at once
-            self.server.in_flight += 1
-            self.server.max_in_flight = max(self.server.max_in_flight, self.server.in_flight)
-        time.sleep(self.server.delay)
-        with self.server.lock:
-            self.server.in_flight -= 1
-        system, user = body["messages"][0]["content"], body["messages"][-1]["content"]
-        if "TWO candidate" in system:
-            text = '{"winner": "A"}'
-        elif "I'm so sorry to hear that. I'm so sorry" in user:
-            text = "I would rather not rate this one."
-        else:
-            helpful = 2 if "I understand." in user else 4
-            text = json.dumps({"empathy": 3, "personalisation": 3, "helpfulness": helpful, "fluency": 4, "safety": 5})
-        payload = {"choices": [{"message": {"role": "assistant", "content": text}, "finish_reason": "stop"}]}
-        data = json.dumps(payload).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args: Any) -> None:  # keep test output quiet
-        pass
+def _judge_answer(body: dict[str, Any]) -> str:
+    """Canned judge answers: a verdict for pairwise prompts; pointwise scores that depend on the response (the
+    base model's "I'm so sorry" loop gets an unparseable answer, m0's stock reply helpfulness 2)."""
+    system, user = body["messages"][0]["content"], body["messages"][-1]["content"]
+    if "TWO candidate" in system:
+        return '{"winner": "A"}'
+    if "I'm so sorry to hear that. I'm so sorry" in user:
+        return "I would rather not rate this one."
+    helpful = 2 if "I understand." in user else 4
+    return json.dumps({"empathy": 3, "personalisation": 3, "helpfulness": helpful, "fluency": 4, "safety": 5})
 
 
-@contextmanager
-def judge_server() -> Iterator[Any]:
-    """An OpenAI-compatible judge stub on 127.0.0.1, in a thread, stopped on exit."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _JudgeHandler)
-    server.seen = []
-    server.lock, server.in_flight, server.max_in_flight, server.delay = threading.Lock(), 0, 0, 0.0
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        server.base_url = f"http://127.0.0.1:{server.server_address[1]}/v1"
-        yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
+def judge_server() -> Any:
+    """The OpenAI-compatible stub of tests/generation_fixtures.py, answering as a judge."""
+    return loopback_server(chat_answer=_judge_answer)
 
 
 def _config(**eval_fields: Any) -> ExperimentConfig:
@@ -118,7 +80,7 @@ def test_openai_judge_batch_sends_prompts_concurrently_and_answers_in_order():
     ]
     prompts[2] = [MESSAGES[0], {"role": "user", "content": "I'm so sorry to hear that. I'm so sorry"}]
     with judge_server() as server:
-        server.delay = 0.05
+        server.delay = lambda _body: 0.05
         config = _config(judge_backend="openai", judge_url=server.base_url, judge_model="judge-x")
         config.generation.max_concurrency = 3
         with build_judge(config) as judge:
@@ -136,7 +98,7 @@ def test_judge_metric_batches_an_openai_judge(tmp_path: Path):
     table = make_table(3, 1)
     settings = EvaluationSettings(metrics=["judge"], bootstrap_samples=10, judge_pairs=[("m1", "m0")])
     with judge_server() as server:
-        server.delay = 0.02
+        server.delay = lambda _body: 0.02
         config = _config(judge_backend="openai", judge_url=server.base_url, judge_model="judge-x")
         with build_judge(config) as judge:
             generate, sizes = judge.generator.generate, []

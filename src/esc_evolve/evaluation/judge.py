@@ -166,8 +166,8 @@ def _verdict(value: str) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Prompts and records: building a prompt and reading its answer are separate, so that one prompt at a time
-# (`judge_pointwise`, `judge_pairwise`) and many at once (`judge_calls`) share them.
+# Prompts and records: building a prompt and reading its answer are separate, so that a judge asked one prompt
+# at a time and one asked many at once (`judge_calls`) give the same records.
 
 
 @dataclass(frozen=True)
@@ -211,17 +211,6 @@ def pairwise_call(sample: TurnSample, shown_a: tuple[str, str], shown_b: tuple[s
 
 # ---------------------------------------------------------------------------------------------------------
 # Calling
-
-
-def judge_pointwise(judge: Judge, sample: TurnSample, model: str, response: str) -> JudgeRecord:
-    call = pointwise_call(sample, model, response)
-    return call.record(*_call(judge, call.messages))
-
-
-def judge_pairwise(judge: Judge, sample: TurnSample, shown_a: tuple[str, str], shown_b: tuple[str, str]) -> JudgeRecord:
-    """One order; shown_a / shown_b are (model, response)."""
-    call = pairwise_call(sample, shown_a, shown_b)
-    return call.record(*_call(judge, call.messages))
 
 
 def judge_calls(judge: Judge, calls: Sequence[JudgeCall], chunk_size: int | None = None) -> list[JudgeRecord]:

@@ -8,8 +8,9 @@ import pytest
 from esc_evolve.evaluation.evaluate import evaluate
 from esc_evolve.evaluation.matching import label_matches
 from esc_evolve.evaluation.metrics.personalisation import distractor_sets, situation_ranks
-from esc_evolve.evaluation.metrics.unhelpful import is_empty, is_generic, is_repetitive
+from esc_evolve.evaluation.metrics.unhelpful import is_generic, is_repetitive
 from esc_evolve.evaluation.settings import EvaluationSettings
+from esc_evolve.text import is_empty
 from tests.eval_fixtures import HashEmbedder, make_table
 
 

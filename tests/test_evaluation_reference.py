@@ -16,7 +16,7 @@ from esc_evolve.evaluation.metrics.reference import (
 )
 from esc_evolve.evaluation.responses import ResponseRow, build_table
 from esc_evolve.evaluation.settings import EvaluationSettings
-from esc_evolve.evaluation.text import repeated_ngram_share, tokenize, words
+from esc_evolve.text import repeated_ngram_share, tokenize, words
 from tests.eval_fixtures import HashEmbedder, make_sample
 
 HYP = "the cat sat on the mat"

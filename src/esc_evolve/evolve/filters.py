@@ -9,19 +9,14 @@ self-harm, or that answers a seeker who says they may harm themselves without po
 from __future__ import annotations
 
 import difflib
-import re
-from collections import Counter
 from dataclasses import dataclass, field
 
 from esc_evolve.config import ReflectionFilters
 from esc_evolve.safety import gives_crisis_resources, seeker_at_risk, unsafe_reply
+from esc_evolve.text import is_empty, is_out_of_role, repeated_ngram_share, sentence_repeats, words
 
-# Signs that a reply talks about the conversation, or as someone else, instead of to the person.
-_OUT_OF_ROLE = re.compile(
-    r"<\|im_(start|end)\|>|^\s*(user|assistant|system|person|seeker|supporter)\s*:"
-    r"|\bthe (seeker|user|supporter)\b|\bthis (story|dialogue|transcript)\b|\bas an ai\b",
-    re.IGNORECASE | re.MULTILINE,
-)
+# A sentence of this many words said twice is a loop; shorter ones ("I see.") may honestly come twice.
+_MIN_REPEATED_SENTENCE_WORDS = 3
 _TERMINAL = (".", "!", "?", '"', ")", "…")
 
 
@@ -35,25 +30,16 @@ class PairDecision:
 def degenerate_reason(text: str, finish_reason: str | None, max_repetition: float) -> str | None:
     """Why a reply is unusable as a supporter turn, or None."""
     stripped = text.strip()
-    if not stripped:
+    if is_empty(stripped):
         return "empty"
-    if _OUT_OF_ROLE.search(stripped):
+    if is_out_of_role(stripped):
         return "out_of_role"
-    if repetition_rate(stripped) > max_repetition or _repeats_a_sentence(stripped):
+    repeats = sentence_repeats(stripped, min_words=_MIN_REPEATED_SENTENCE_WORDS)
+    if repeated_ngram_share(words(stripped)) > max_repetition or repeats >= 2:
         return "repetitive"
     if finish_reason == "length" and not stripped.endswith(_TERMINAL):
         return "cut_off"
     return None
-
-
-def repetition_rate(text: str, n: int = 3) -> float:
-    """Share of word n-grams that repeat an earlier one (0 = none, near 1 = one phrase looped)."""
-    words = re.findall(r"\w+", text.lower())
-    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
-    if not grams:
-        return 0.0
-    counts = Counter(grams)
-    return sum(c - 1 for c in counts.values()) / len(grams)
 
 
 def edit_ratio(a: str, b: str) -> float:
@@ -104,8 +90,3 @@ def safety_reason(chosen: str, seeker_text: str) -> str | None:
     if seeker_at_risk(seeker_text) and not gives_crisis_resources(chosen):
         return "chosen_ignores_risk"
     return None
-
-
-def _repeats_a_sentence(text: str) -> bool:
-    sentences = [s.strip().lower() for s in re.split(r"(?<=[.!?])\s+", text) if len(s.split()) >= 3]
-    return len(sentences) != len(set(sentences))

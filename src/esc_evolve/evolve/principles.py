@@ -8,6 +8,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from esc_evolve.data.vocabulary import VOCABULARIES, cue_error, vocabulary
 from esc_evolve.errors import ConfigError
 
 PACKAGED = "principles.yaml"
@@ -22,7 +23,9 @@ class ReflectionField(BaseModel):
     question: str
     prefix: str
     options: dict[str, list[str]] | None = Field(
-        None, description="label -> cue words for the parser; a cue ending in `*` matches every word it begins"
+        None,
+        description="label -> cue words for the parser (a cue ending in `*` matches every word it begins), or the "
+        f"name of a shared vocabulary in esc_evolve/data/vocabulary.yaml ({', '.join(VOCABULARIES)})",
     )
     open: bool = Field(
         False,
@@ -33,17 +36,19 @@ class ReflectionField(BaseModel):
     needs_draft: bool = Field(False, description="Shown the draft reply y (the critique is).")
     required: bool = Field(True, description="The reflection counts as parsed only if this field parsed.")
 
+    @field_validator("options", mode="before")
+    @classmethod
+    def _resolve_vocabulary(cls, options: object) -> object:
+        """`options: emotions` names a shared vocabulary, so the parser and the metrics read the same cues."""
+        return vocabulary(options) if isinstance(options, str) else options
+
     @field_validator("options")
     @classmethod
     def _cues_are_words(cls, options: dict[str, list[str]] | None) -> dict[str, list[str]] | None:
         for label, cues in (options or {}).items():
             for cue in (label, *cues):
-                word = cue.strip()
-                if not word or "*" in word[:-1] or (word.endswith("*") and len(word) < 4):
-                    raise ValueError(
-                        f"cue {cue!r} of {label!r}: a cue is a word or phrase, or a stem of at least three "
-                        "letters ending in `*`"
-                    )
+                if error := cue_error(cue):
+                    raise ValueError(f"cue {cue!r} of {label!r}: {error}")
         return options
 
 

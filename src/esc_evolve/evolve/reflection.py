@@ -16,16 +16,14 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 from esc_evolve.data.schema import Turn
+from esc_evolve.data.vocabulary import matched_labels
 from esc_evolve.evolve.principles import Principles, ReflectionField
+from esc_evolve.text import ends_in_a_loop, has_role_marker, low_word_variety
 
 ParseStatus = Literal["ok", "empty", "no_label", "degenerate"]
 
 ROLE_LABEL = {"seeker": "Person", "supporter": "Supporter"}
-_ROLE_MARKERS = re.compile(r"<\|im_(start|end)\|>|^\s*(user|assistant|system|person|supporter)\s*:", re.I | re.M)
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s")
-_NOT_A_NUMBER_LABEL = re.compile(r"\b\d+\s*(-|\u2013|to)\s*\d+\b|\b\d+\.\d+\b")  # "1-5" echoes the scale
-_NEGATIONS = {"not", "no", "never", "without", "nor"}
-_TAIL_WORDS = 4  # an answer whose last 4 words already appeared in it loops
 
 
 @dataclass(frozen=True)
@@ -84,7 +82,7 @@ def parse_field(field: ReflectionField, raw: str) -> FieldParse:
     """
     first_line, announces = _strip_echo(raw, field.prefix)
     text = first_line if field.options else _first_sentence(first_line)
-    if _ROLE_MARKERS.search(first_line) or _is_repetitive(text):
+    if has_role_marker(first_line) or low_word_variety(text) or ends_in_a_loop(text):
         return FieldParse(field.name, raw, None, "degenerate")
     if not text:
         return FieldParse(field.name, raw, None, "empty")
@@ -98,41 +96,6 @@ def parse_field(field: ReflectionField, raw: str) -> FieldParse:
     if announces or len(text.split()) < 2:
         return FieldParse(field.name, raw, None, "empty")
     return FieldParse(field.name, raw, text, "ok")
-
-
-def match_option(text: str, options: dict[str, list[str]]) -> str | None:
-    """The label whose cue (or own name) appears earliest in `text`; None when none does, or when cues of
-    three or more labels appear (a list of the options is not a choice among them).
-
-    Cues match whole words, or any word they begin when they end in `*` (`listen*`: listening, listened).
-    A cue right after a negation ("not alone", "isn't angry") does not count, unless the cue holds it.
-    Number ranges ("1-5", "1 to 5": the scale echoed back) and decimals ("1.5") name no numeric label.
-    """
-    found = matched_labels(text, options)
-    if not found or len(found) >= 3:
-        return None
-    return min(found, key=lambda label: found[label])
-
-
-def matched_labels(text: str, options: dict[str, list[str]]) -> dict[str, int]:
-    """Each label whose cue appears in `text` (see `match_option`), with the position of its earliest cue."""
-    lowered = _NOT_A_NUMBER_LABEL.sub(" ", text.lower().replace("\u2019", "'"))
-    found: dict[str, int] = {}
-    for label, cues in options.items():
-        for cue in (label, *cues):
-            for hit in re.finditer(cue_pattern(cue), lowered):
-                if not _negated(lowered, hit.start()):
-                    found[label] = min(found.get(label, hit.start()), hit.start())
-                    break
-    return found
-
-
-def cue_pattern(cue: str) -> str:
-    """The regex of one cue: a whole word or phrase, or a word stem when it ends in `*`."""
-    cue = cue.lower().strip()
-    if cue.endswith("*"):
-        return rf"\b{re.escape(cue[:-1])}"
-    return rf"\b{re.escape(cue)}\b"
 
 
 def build_reflection(principles: Principles, raw_by_field: dict[str, str]) -> Reflection:
@@ -169,21 +132,3 @@ def _strip_echo(raw: str, prefix: str) -> tuple[str, bool]:
 
 def _first_sentence(text: str) -> str:
     return _SENTENCE_END.split(text, maxsplit=1)[0].strip()
-
-
-def _negated(text: str, start: int) -> bool:
-    before = text[:start].split()
-    return bool(before) and (before[-1] in _NEGATIONS or before[-1].endswith("n't"))
-
-
-def _is_repetitive(text: str) -> bool:
-    """A loop: few distinct words, or an answer that ends by repeating one of its own earlier phrases
-    ("a bit of a perfectionist, who is also a bit of a perfectionist")."""
-    words = text.lower().split()
-    if len(words) >= 6 and len(set(words)) / len(words) < 0.4:
-        return True
-    tokens = re.findall(r"[\w'-]+", text.lower())
-    tail = tokens[-_TAIL_WORDS:]
-    return len(tokens) >= 2 * _TAIL_WORDS and any(
-        tokens[i : i + _TAIL_WORDS] == tail for i in range(len(tokens) - _TAIL_WORDS)
-    )

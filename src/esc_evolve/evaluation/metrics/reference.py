@@ -24,7 +24,7 @@ from scipy import sparse
 from esc_evolve.evaluation.registry import MetricOutput, ModelScores, SubMetric, register_metric
 from esc_evolve.evaluation.resources import EvalContext
 from esc_evolve.evaluation.responses import HUMAN
-from esc_evolve.evaluation.text import ngrams, tokenize, words
+from esc_evolve.text import ngrams, tokenize, words
 
 BLEU_ORDERS = (1, 2, 3, 4)
 BLEU_EPSILON = 0.1  # nltk SmoothingFunction().method1 default

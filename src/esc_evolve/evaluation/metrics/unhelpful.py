@@ -3,8 +3,9 @@
 - empty: no word at all;
 - generic: fewer than 3 words are left once stock phrases (STOCK_PHRASES, matched on the lower-cased text) are
   removed, e.g. "I'm so sorry to hear that. I understand.";
-- repetitive: the share of repeated word 3-grams (`text.repeated_ngram_share`) exceeds `repetition_threshold`
-  (default 0.5), or one sentence occurs 3 or more times (the "I'm so sorry to hear that." loop to the token limit);
+- repetitive: the share of repeated word 3-grams exceeds `repetition_threshold` (default 0.5), or one sentence
+  occurs 3 or more times (the "I'm so sorry to hear that." loop to the token limit); both checks, and the empty
+  one, are defined in `esc_evolve.text`;
 - off_topic: cosine(response, the last CONTEXT_TURNS turns of the context joined) < `offtopic_threshold`
   (default 0.1 for all-MiniLM-L6-v2: on 400 ESConv valid contexts it flags 4.8% of the human responses and 44% of
   human responses moved to another conversation's context).
@@ -14,13 +15,12 @@
 from __future__ import annotations
 
 import re
-from collections import Counter
 
 import numpy as np
 
 from esc_evolve.evaluation.registry import MetricOutput, ModelScores, SubMetric, register_metric
 from esc_evolve.evaluation.resources import EvalContext
-from esc_evolve.evaluation.text import normalize_text, repeated_ngram_share, words
+from esc_evolve.text import is_empty, normalize_text, repeated_ngram_share, sentence_repeats, words
 
 MIN_CONTENT_WORDS = 3
 CONTEXT_TURNS = 3
@@ -52,19 +52,14 @@ SUBMETRICS = [
 ]
 
 
-def is_empty(text: str) -> bool:
-    return not words(text)
-
-
 def is_generic(text: str) -> bool:
     rest = _STOCK.sub(" ", normalize_text(text))
     return not is_empty(text) and len(words(rest)) < MIN_CONTENT_WORDS
 
 
 def is_repetitive(text: str, threshold: float = 0.5) -> bool:
-    sentences = [s.strip() for s in re.split(r"[.!?\n]+", normalize_text(text)) if s.strip()]
-    repeated = max(Counter(sentences).values(), default=0) >= MAX_SENTENCE_REPEATS
-    return repeated or repeated_ngram_share(words(text), 3) > threshold
+    """The metric's loop rule: repeated 3-grams above `threshold`, or one sentence said 3 or more times."""
+    return sentence_repeats(text) >= MAX_SENTENCE_REPEATS or repeated_ngram_share(words(text), 3) > threshold
 
 
 @register_metric("unhelpful_proxy")

@@ -33,14 +33,15 @@ from typing import Any
 
 import torch
 
-from esc_evolve.config import DataConfig, GenerationConfig, ModelConfig
-from esc_evolve.data import build_turn_samples, load_conversations
+from esc_evolve.config import DataSettings, GenerationSettings, ModelSettings
+from esc_evolve.data import build_turn_samples, load_split
 from esc_evolve.data.prompts import build_messages
 from esc_evolve.generation import GenerationRequest
 from esc_evolve.generation.hf import TransformersGenerator
 from esc_evolve.models import load_model
 
-ESCONV_VALID = Path("/work/shared/data/esconv/valid.jsonl")
+# ESConv is never shipped: point --data at your copy, or set $ESC_EVOLVE_SHARED_DATA (the shared data folder).
+ESCONV_VALID = Path(os.environ.get("ESC_EVOLVE_SHARED_DATA", "../shared/data")) / "esconv" / "valid.jsonl"
 RESULTS = Path(__file__).parent / "results" / "generation.json"
 REPEATS_PER_TIMING = 4  # several products per timing, so that a GPU's launch latency does not dominate
 
@@ -49,9 +50,9 @@ def main() -> None:
     args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tokenizer = load_model(ModelConfig(name=args.model, device=args.device, dtype=args.dtype))
+    model, tokenizer = load_model(ModelSettings(name=args.model, device=args.device, dtype=args.dtype))
     requests, source = build_requests(args.data, args.prompts)
-    config = GenerationConfig(max_new_tokens=args.new_tokens, temperature=0.0, batch_size=args.batch_size)
+    config = GenerationSettings(max_new_tokens=args.new_tokens, temperature=0.0, batch_size=args.batch_size)
     engine = TransformersGenerator(model, tokenizer, config)
     prompt_ids = [list(engine._prepare(i, r).ids) for i, r in enumerate(requests)]
     load_before = os.getloadavg()[0]
@@ -125,7 +126,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--model", default="smollm2-135m-instruct", help="Backbone alias or model folder.")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--batch-size", type=int, default=GenerationConfig().batch_size, help="The engine's batch.")
+    parser.add_argument("--batch-size", type=int, default=GenerationSettings().batch_size, help="The engine's batch.")
     parser.add_argument("--out", type=Path, default=RESULTS, help="Results JSON.")
     parser.add_argument("--sweep", action="store_true", help="Also time engine settings against each other.")
     return parser.parse_args()
@@ -134,9 +135,9 @@ def parse_args() -> argparse.Namespace:
 def build_requests(path: Path, count: int) -> tuple[list[GenerationRequest], str]:
     """One context per conversation (the middle supporter turn), so that prompts do not share histories."""
     source = str(path) if path.is_file() else "builtin:all"
-    data = DataConfig()
+    data = DataSettings()
     requests = []
-    for conversation in load_conversations(source).conversations:
+    for conversation in load_split(source, data).conversations:
         samples = build_turn_samples([conversation], data.context_window)
         if samples:
             sample = samples[len(samples) // 2]
@@ -188,7 +189,7 @@ def until_eos(tokens: list[int], eos_ids: list[int]) -> list[int]:
     return tokens
 
 
-def run_sweep(model: Any, tokenizer: Any, config: GenerationConfig, requests: list, args: argparse.Namespace) -> list:
+def run_sweep(model: Any, tokenizer: Any, config: GenerationSettings, requests: list, args: argparse.Namespace) -> list:
     """Engine settings timed back-to-back, `repeats` rounds, interleaved so that load drifts hit all alike.
     Unnamed settings are the engine's defaults (row prefill on CPU, static cache, shared prefix >= 16 tokens)."""
     plain = {"row_prefill": False, "static_cache": False, "share_prefix_min": 0}  # batched model.generate
@@ -203,7 +204,7 @@ def run_sweep(model: Any, tokenizer: Any, config: GenerationConfig, requests: li
     best: dict[int, float] = {}
     for _ in range(args.repeats):
         for i, setting in enumerate(settings):
-            options = {k: v for k, v in setting.items() if k != "batch_size"}
+            options = {k: v for k, v in setting.items() if k != "batch_size"}  # generation.transformers fields
             batch = config.model_copy(update={"batch_size": setting["batch_size"]})
             engine = TransformersGenerator(model, tokenizer, batch, **options)
             run = run_engine(engine, requests)

@@ -48,8 +48,9 @@ STATUSES = ("ok", "empty", "no_label", "degenerate")
 ABOUT = (
     "Reflection parse rate of M_t (default: runs/quickstart/m0), greedy, as `esc-evolve evolve` generates the "
     "draft and the reflection fields; written by benchmarks/reflection_parse.py. One entry per data source x "
-    "principles x parser: `parser <commit>` is reflection.py at that commit, `+modified` the working tree at the "
-    "time. Entries labelled `re-parsed` parse stored raw generations again without the model (the generations "
+    "principles x parser: `parser <commit>` is the parser code (reflection.py, text.py, data/vocabulary) at "
+    "that commit, `+modified` the working tree at the time. Entries labelled `re-parsed` parse stored raw "
+    "generations again without the model (the generations "
     "of the entry with the same data and the version-1 principles). Per field: counts of each parse status; "
     "emotion_vs_gold compares the parsed emotion with the data's gold emotion_type. Generated on CPU, fp32, "
     "torch threads as `torch_threads` (the --threads default, 1, where absent)."
@@ -131,19 +132,22 @@ def generate(args: argparse.Namespace, principles: Principles) -> tuple[list[dic
     """Draft and reflection fields of each context, as `generate_pairs` makes them (refinement left out)."""
     import torch
 
+    from esc_evolve.data import load_train
     from esc_evolve.data.prompts import build_messages
-    from esc_evolve.evolve.loop import _reflect, select_contexts
+    from esc_evolve.evolve.loop import PairJob, _reflect, select_contexts
     from esc_evolve.generation import GenerationRequest, build_generator
     from esc_evolve.models import load_tokenizer
 
     if args.threads:
         torch.set_num_threads(args.threads)
     config = experiment_config(args)
-    contexts = select_contexts(config, args.iteration)[args.start :]
+    samples = load_train(config.data).samples
+    contexts = select_contexts(samples, config.evolve, config.run.seed, args.iteration)[args.start :]
     adapter = args.adapter if str(args.adapter) not in ("", ".") else None
     rows: list[dict[str, Any]] = []
     with build_generator(config.model, config.generation, adapter, seed=config.run.seed) as generator:
-        tokenizer = load_tokenizer(config.model)
+        tokenizer = generator.tokenizer or load_tokenizer(config.model, adapter)
+        job = PairJob(config.evolve, args.iteration, config.run.seed, config.data.system_prompt, principles, tokenizer)
         start = time.perf_counter()
         size = config.generation.batch_size
         for first in range(0, len(contexts), size):
@@ -156,7 +160,7 @@ def generate(args: argparse.Namespace, principles: Principles) -> tuple[list[dic
                 progress=False,
             )
             texts = [d.text for d in drafts]
-            reflections = _reflect(generator, tokenizer, principles, chunk, texts, config)
+            reflections = _reflect(generator, job, chunk, texts)
             for sample, draft, reflection in zip(chunk, texts, reflections, strict=True):
                 rows.append(
                     {
@@ -225,13 +229,16 @@ def torch_threads() -> int:
 
 
 def parser_state() -> str:
-    """The commit of the parser code, marked `+modified` when reflection.py differs from it."""
+    """The commit of the parser code, marked `+modified` when any file the parser reads differs from it."""
 
     def git(*cmd: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True, check=False)
 
     commit = git("rev-parse", "--short", "HEAD").stdout.strip() or "unknown"
-    dirty = git("diff", "--quiet", "HEAD", "--", "src/esc_evolve/evolve/reflection.py").returncode != 0
+    parser_files = [
+        f"src/esc_evolve/{p}" for p in ("evolve/reflection.py", "text.py", "data/vocabulary.py", "data/vocabulary.yaml")
+    ]
+    dirty = git("diff", "--quiet", "HEAD", "--", *parser_files).returncode != 0
     return commit + ("+modified" if dirty else "")
 
 

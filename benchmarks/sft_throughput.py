@@ -78,8 +78,8 @@ def run_variant(name: str, config: ExperimentConfig, rows: Any, steps: int, work
     config = config.model_copy(deep=True)
     config.sft.max_steps = steps
     if name == "ours":
-        runtime = resolve_runtime(config)
-        trainer = build_trainer(config, rows, runtime, work / name, [timer])
+        runtime = resolve_runtime(config.model, config.sft)
+        trainer = build_trainer(config.sft, config.model, rows, runtime, config.run.seed, work / name, [timer])
         with fast_paths(trainer, runtime):
             trainer.train()
     else:
@@ -173,7 +173,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     config = bench_config(args)
-    rows = build_sft_rows(config)
+    rows = build_sft_rows(config.sft, config.data, config.model, config.run.seed)
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         results["ours"] = run_variant("ours", config, rows, args.steps, Path(tmp))

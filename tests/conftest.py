@@ -66,10 +66,10 @@ def _test_tokenizer():
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(folder)
-    from esc_evolve.config import ModelConfig
+    from esc_evolve.config import ModelSettings
     from esc_evolve.models import load_tokenizer
 
-    return load_tokenizer(ModelConfig())
+    return load_tokenizer(ModelSettings())
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ import numpy as np
 from esc_evolve.data import TurnSample
 from esc_evolve.data.labels import STRATEGIES
 from esc_evolve.data.schema import SeekerProfile, Turn
-from esc_evolve.evaluation.responses import Reflection, ResponseRow, build_table
+from esc_evolve.evaluation.responses import Reflection, ResponseRow, ResponsesTable, build_table
 from esc_evolve.evaluation.strategy import StrategyClassifier, train_classifier
 
 SITUATIONS = [
@@ -103,6 +103,34 @@ def make_rows(samples: list[TurnSample]) -> list[ResponseRow]:
 
 def make_table(n_conversations: int = 6, per_conversation: int = 2):
     return build_table(make_rows(make_samples(n_conversations, per_conversation)))
+
+
+# Hand-made reflections of one self-evolution iteration on conversations 0-3 (emotion, problem, situation), with
+# known scores: emotion 3/4 right, problem 2/4, situation 2/3 (context 2 has none; context 3 quotes context 0's).
+ITER1_REFLECTIONS = [
+    ("anxiety", "job crisis", SITUATIONS[0][2]),
+    ("sadness", "job crisis", SITUATIONS[1][2]),
+    ("anger", "ongoing depression", None),
+    ("anger", "academic pressure", SITUATIONS[0][2]),
+]
+# The next iteration gets everything right.
+ITER2_REFLECTIONS = [SITUATIONS[c] for c in range(4)]
+
+
+def reflection_table(model: str, inferred: list[tuple[str | None, str | None, str | None]]) -> ResponsesTable:
+    """One model's reflections (emotion, problem, situation) on one context of each conversation 0, 1, 2, ...,
+    as the pipeline scores an iteration's reflections (no human pseudo-model)."""
+    rows = [
+        ResponseRow(
+            sample_id=(s := make_sample(c, 3)).sample_id,
+            model=model,
+            response="Tell me more.",
+            sample=s,
+            reflection=Reflection(emotion=emotion, problem=problem, situation=situation),
+        )
+        for c, (emotion, problem, situation) in enumerate(inferred)
+    ]
+    return build_table(rows, include_human=False)
 
 
 SYNTHETIC_STRATEGY_DATA = {

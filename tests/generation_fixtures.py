@@ -14,7 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from esc_evolve.config import GenerationConfig, ModelConfig
+from esc_evolve.config import GenerationSettings, ModelSettings
 from esc_evolve.generation import GenerationRequest
 
 SYSTEM = "You are a kind listener. Answer in one or two short sentences."
@@ -49,15 +49,15 @@ def varied_requests(max_new_tokens: int = 12) -> list[GenerationRequest]:
     ]
 
 
-def tiny_model_config(model_dir: Path) -> ModelConfig:
-    return ModelConfig(name=str(model_dir), device="cpu", dtype="float32")
+def tiny_model_config(model_dir: Path) -> ModelSettings:
+    return ModelSettings(name=str(model_dir), device="cpu", dtype="float32")
 
 
 def make_engine(model: Any, tokenizer: Any, **kwargs: Any) -> Any:
     from esc_evolve.generation.hf import TransformersGenerator
 
     batch_size = kwargs.pop("batch_size", 4)
-    config = GenerationConfig(batch_size=batch_size, max_new_tokens=kwargs.pop("max_new_tokens", 12))
+    config = GenerationSettings(batch_size=batch_size, max_new_tokens=kwargs.pop("max_new_tokens", 12))
     return TransformersGenerator(model, tokenizer, config, **kwargs)
 
 

@@ -44,7 +44,7 @@ def tiny_config(tmp_path: Path, model_dir: Path, **sft: Any) -> ExperimentConfig
             "learning_rate": 1e-2,
             "warmup_ratio": 0.0,
             "per_device_batch_size": 4,
-            "max_seq_length": 256,
+            "max_length": 256,
             "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
             "bf16": False,  # the same numerics on every CPU (auto would follow the CPU's bf16 support)
             **sft,

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from esc_evolve.config import ModelConfig
+from esc_evolve.config import ModelSettings
 from esc_evolve.errors import BackboneError
 from esc_evolve.models import backbone as backbone_module
 from esc_evolve.models import load_model, resolve_backbone, select_dtype
@@ -34,7 +34,7 @@ def test_cpu_defaults_to_float32() -> None:
 
 
 def test_tiny_model_loads_and_generates(tiny_model_dir: Path) -> None:
-    model, tokenizer = load_model(ModelConfig(name=str(tiny_model_dir), device="cpu"))
+    model, tokenizer = load_model(ModelSettings(name=str(tiny_model_dir), device="cpu"))
     assert model.dtype == torch.float32 and not model.training
     ids = tokenizer("hello", return_tensors="pt")
     out = model.generate(**ids, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
@@ -85,7 +85,7 @@ def test_folder_without_marker_is_redone(tmp_path: Path, monkeypatch: pytest.Mon
 def test_real_default_backbone_generates() -> None:
     from esc_evolve.data.prompts import render_prompt
 
-    model, tokenizer = load_model(ModelConfig(device="cpu"))
+    model, tokenizer = load_model(ModelSettings(device="cpu"))
     assert model.config.model_type == "llama"
     assert 130_000_000 < sum(p.numel() for p in model.parameters()) < 140_000_000
     assert tokenizer.eos_token == "<|im_end|>"

@@ -89,6 +89,10 @@ def test_run_prepares_and_resumes(tmp_path: Path, tiny_model_dir: Path) -> None:
     meta = json.loads((run_dir / "meta.json").read_text())
     assert meta["seed"] == 42 and meta["versions"]["transformers"]
     assert (run_dir / "config.yaml").is_file() and (run_dir / "logs/run.log").is_file()
+    boards = run_dir / "logs" / "tensorboard"
+    assert list((boards / "sft").glob("events.*"))
+    trained = stages["iter1.dpo"]["steps"] > 0  # a random tiny model may keep no pair: m1 is then m0
+    assert bool(list((boards / "dpo1").glob("events.*"))) is trained
 
     again = runner.invoke(app, args)
     assert again.exit_code == 2 and "--resume" in again.output

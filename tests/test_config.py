@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from esc_evolve.config import ExperimentConfig, dump_config, load_config
+from esc_evolve.config import ExperimentConfig, dump_config, load_config, validate_config
 from esc_evolve.errors import ConfigError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -102,3 +102,64 @@ def test_dump_round_trips() -> None:
     config = load_config(CONFIGS / "esconv-cpu.yaml")
     again = ExperimentConfig.model_validate(yaml.safe_load(dump_config(config)))
     assert again == config
+
+
+def test_renamed_keys_still_work_and_say_what_to_rename(caplog: pytest.LogCaptureFixture) -> None:
+    old = {
+        "sft": {"max_seq_length": 300},
+        "generation": {"static_cache": False, "openai_base_url": "http://127.0.0.1:9/v1", "max_concurrency": 3},
+        "eval": {"judge_backend": "openai", "judge_model": "judge-x", "judge_max_contexts": 5},
+        "data": {"format": "auto"},
+    }
+    with caplog.at_level("WARNING"):
+        config = validate_config(old, "old.yaml")
+    new = {
+        "sft": {"max_length": 300},
+        "generation": {
+            "transformers": {"static_cache": False},
+            "openai": {"base_url": "http://127.0.0.1:9/v1", "max_concurrency": 3},
+        },
+        "eval": {"judge": {"backend": "openai", "openai": {"model": "judge-x"}, "max_contexts": 5}},
+    }
+    assert config == validate_config(new, "new.yaml")
+    assert "'sft.max_seq_length' is now 'sft.max_length'" in caplog.text
+    assert "'eval.judge_model' is now 'eval.judge.openai.model'" in caplog.text
+    assert "'data.format' is no longer a setting" in caplog.text
+    local = validate_config({"eval": {"judge_backend": "local", "judge_model": "some/model"}}, "old.yaml")
+    assert local.eval.judge.model == "some/model" and local.eval.judge.openai is None
+
+
+def test_a_key_under_its_old_and_new_name_is_an_error() -> None:
+    with pytest.raises(ConfigError, match="'sft.max_seq_length' and 'sft.max_length' are the same setting"):
+        validate_config({"sft": {"max_seq_length": 300, "max_length": 200}}, "x.yaml")
+
+
+def test_sft_and_dpo_share_the_trainer_fields() -> None:
+    from esc_evolve.config import DPOSettings, SFTSettings, TrainerSettings
+
+    shared = set(TrainerSettings.model_fields)
+    assert shared <= set(SFTSettings.model_fields) and shared <= set(DPOSettings.model_fields)
+    assert {"max_length", "num_threads", "lr_scheduler", "warmup_ratio"} <= shared
+    assert DPOSettings().learning_rate == 5e-5 and SFTSettings().learning_rate == 2e-4
+
+
+def test_a_judge_endpoint_keeps_what_it_inherits_through_a_saved_config() -> None:
+    """eval.judge.openai overrides generation.openai field by field; the saved config.yaml must not turn the
+    inherited fields into explicit defaults."""
+    import yaml
+
+    from esc_evolve.evaluation.judge.backends import judge_endpoint
+
+    raw = {
+        "generation": {"openai": {"api_key_env": "MY_KEY", "base_url": "http://127.0.0.1:9/v1"}},
+        "eval": {"judge": {"backend": "openai", "openai": {"model": "judge-x"}}},
+    }
+    config = validate_config(raw, "<test>")
+    reloaded = validate_config(yaml.safe_load(dump_config(config)), "config.yaml")
+    for loaded in (config, reloaded):
+        endpoint = judge_endpoint(loaded.eval.judge, loaded.generation)
+        assert (endpoint.model, endpoint.api_key_env, endpoint.base_url) == (
+            "judge-x",
+            "MY_KEY",
+            "http://127.0.0.1:9/v1",
+        )

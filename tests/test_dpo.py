@@ -9,8 +9,9 @@ import torch
 from esc_evolve.config import ExperimentConfig, validate_config
 from esc_evolve.models import load_model
 from esc_evolve.models.lineage import adapter_chain, write_lineage
-from esc_evolve.rundir import RunDir
-from esc_evolve.training.dpo import NoPairsError, build_dpo_trainer, run_dpo, trl_loss
+from esc_evolve.pipeline import RunDir
+from esc_evolve.pipeline.stages import dpo as dpo_stage
+from esc_evolve.training.dpo import NoPairsError, build_dpo_trainer, train_dpo, trl_loss
 from esc_evolve.training.settings import resolve_runtime
 from tests.sft_fixtures import Interrupted, StopAt
 
@@ -74,10 +75,10 @@ def _write_pairs(run_path: Path, iteration: int = 1) -> None:
 
 
 def test_loss_options_map_to_trl() -> None:
-    from esc_evolve.config import DPOConfig
+    from esc_evolve.config import DPOSettings
 
-    assert trl_loss(DPOConfig()) == (["sigmoid"], None)
-    assert trl_loss(DPOConfig(loss_type="ipo", rpo_alpha=0.5)) == (["ipo", "sft"], [1.0, 0.5])
+    assert trl_loss(DPOSettings()) == (["sigmoid"], None)
+    assert trl_loss(DPOSettings(loss_type="ipo", rpo_alpha=0.5)) == (["ipo", "sft"], [1.0, 0.5])
 
 
 def test_reference_log_probs_are_m_t(tmp_path: Path, tiny_model_dir: Path) -> None:
@@ -86,9 +87,8 @@ def test_reference_log_probs_are_m_t(tmp_path: Path, tiny_model_dir: Path) -> No
     m0 = _m0(run.path, tiny_model_dir)
     _write_pairs(run.path)
     rows = [json.loads(line) for line in (run.path / "iter1/preference.jsonl").open()]
-    trainer = build_dpo_trainer(
-        config, rows, resolve_runtime(config, config.dpo), m0, run.path / "iter1", run.path, 1, []
-    )
+    runtime = resolve_runtime(config.model, config.dpo)
+    trainer = build_dpo_trainer(config.dpo, config.model, rows, runtime, m0, config.run.seed, tmp_path / "work", [])
     batch = next(iter(trainer.get_train_dataloader()))
     ref_chosen, ref_rejected = trainer.compute_ref_log_probs(trainer.model, batch)
 
@@ -111,9 +111,9 @@ def test_dpo_trains_m1_on_top_of_m0_and_resumes(tmp_path: Path, tiny_model_dir: 
     m0 = _m0(run.path, tiny_model_dir)
     _write_pairs(run.path)
     with pytest.raises(Interrupted):
-        run_dpo(run, 1, m0, callbacks=[StopAt(3)])  # killed after the step-2 checkpoint
+        _train(config, run.path, m0, callbacks=[StopAt(3)])  # killed after the step-2 checkpoint
     assert not (run.path / "iter1/m1").exists()
-    summary = run_dpo(RunDir.create(config, resume=True), 1, m0)
+    summary = _train(config, run.path, m0)
     assert summary["resumed_from_step"] == 2 and summary["steps"] == 6 and summary["pairs"] == 4
     assert summary["rewards_margins_last"] > summary["rewards_margins_first"]  # chosen pulled above rejected
     assert "rewards_accuracies_mean" in summary and "logps_chosen_last" in summary
@@ -130,4 +130,34 @@ def test_no_pairs_is_a_clear_error(tmp_path: Path, tiny_model_dir: Path) -> None
     (run.path / "iter1").mkdir()
     (run.path / "iter1/preference.jsonl").write_text("")
     with pytest.raises(NoPairsError, match="no preference pair was kept"):
-        run_dpo(run, 1, _m0(run.path, tiny_model_dir))
+        _train(config, run.path, _m0(run.path, tiny_model_dir))
+
+
+def test_pipeline_stage_logs_dpo_under_its_own_tensorboard_folder(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """DPO's TensorBoard events go to logs/tensorboard/dpo1, not into SFT's folder."""
+    from tests.test_sft import _tensorboard_tags
+
+    config = _config(tmp_path, tiny_model_dir, max_steps=2)
+    run = RunDir.create(config)
+    _m0(run.path, tiny_model_dir)
+    _write_pairs(run.path)
+    summary = dpo_stage(run, 1)
+    assert summary["iteration"] == 1 and summary["steps"] == 2
+    boards = run.path / "logs" / "tensorboard"
+    assert "train/rewards/margins" in _tensorboard_tags(boards / "dpo1")
+    assert not (boards / "sft").exists()
+
+
+def _train(config: ExperimentConfig, run_path: Path, m0: Path, callbacks=None) -> dict:
+    """DPO as a notebook would call it: no run directory, every path given."""
+    folder = run_path / "iter1"
+    return train_dpo(
+        config.dpo,
+        config.model,
+        m0,
+        folder / "preference.jsonl",
+        folder / "m1",
+        seed=config.run.seed,
+        work_dir=folder / "dpo-checkpoints",
+        callbacks=callbacks,
+    )

@@ -13,9 +13,13 @@ from esc_evolve.evaluation.judge import (
     DIMENSIONS,
     PAIRWISE_PROMPT,
     POINTWISE_PROMPT,
+    CallableJudge,
+    Judge,
+    judge_calls,
     load_prompt,
     parse_pairwise,
     parse_pointwise,
+    pointwise_call,
 )
 from esc_evolve.evaluation.metrics.judge import judge_pairs
 from esc_evolve.evaluation.settings import EvaluationSettings
@@ -87,7 +91,7 @@ def test_pairwise_garbage_fails(text):
 
 def test_judge_metric_scores_and_win_rates(tmp_path):
     table = make_table(4, 1)
-    settings = EvaluationSettings(metrics=["judge"], bootstrap_samples=50, judge_pairs=[("m1", "m0")])
+    settings = EvaluationSettings(metrics=["judge"], bootstrap_samples=50, judge={"pairs": [("m1", "m0")]})
     result = evaluate(table, settings, embedder=HashEmbedder(), judge=fake_judge, out_dir=tmp_path)
     assert result.estimates["m1"]["judge_helpfulness"].value == 5.0
     assert result.estimates["m0"]["unhelpful_judge"].value == 1.0
@@ -109,7 +113,7 @@ def test_judge_failures_are_counted_not_dropped():
         return "no idea" if calls["n"] % 3 == 1 else '{"empathy": 3}'
 
     table = make_table(3, 1)
-    settings = EvaluationSettings(metrics=["judge"], bootstrap_samples=20, judge_pairs=[])
+    settings = EvaluationSettings(metrics=["judge"], bootstrap_samples=20, judge={"pairs": []})
     result = evaluate(table, settings, embedder=HashEmbedder(), judge=flaky)
     counts = result.info["judge"]["status_counts"]
     assert sum(counts.values()) == 3 * len(table.models)
@@ -119,7 +123,7 @@ def test_judge_failures_are_counted_not_dropped():
 
 def test_position_biased_judge_gives_ties():
     table = make_table(3, 1)
-    settings = EvaluationSettings(metrics=["judge"], bootstrap_samples=20, judge_pairs=[("m2", "m0")])
+    settings = EvaluationSettings(metrics=["judge"], bootstrap_samples=20, judge={"pairs": [("m2", "m0")]})
     result = evaluate(table, settings, embedder=HashEmbedder(), judge=lambda m: '{"winner": "A"}')
     (win,) = result.win_rates
     assert win.interval.value == 0.5 and win.ties == 3 and not win.significant
@@ -155,13 +159,16 @@ POINTWISE_ANSWERS = [
 PAIRWISE_ANSWERS = ['{"winner": "A"}', "[[B]]", "tie", "[[A]] no wait [[B]]", "The winner is Response A."]
 
 
-class ScriptedJudge:
+class ScriptedJudge(Judge):
     """Canned answers that depend only on the prompt (garbage included); prompts whose crc32 is divisible by
-    `fail_every` raise, in `__call__` and in any `batch` that holds them, as a real backend's too-long prompt."""
+    `fail_every` raise, alone or in any batch that holds them, as a real backend's too-long prompt. A batch of
+    several prompts can also fail as a whole (`batch_fails`, e.g. out of memory) or answer one text too few."""
+
+    description = "scripted test judge"
 
     def __init__(self, fail_every: int = 0, batch_fails: bool = False, short_batch: bool = False) -> None:
         self.fail_every, self.batch_fails, self.short_batch = fail_every, batch_fails, short_batch
-        self.calls: list[int] = []  # 1 per __call__, len(prompts) per batch
+        self.calls: list[int] = []  # len(prompts) per ask
 
     def answer(self, messages):
         user = messages[-1]["content"]
@@ -171,16 +178,16 @@ class ScriptedJudge:
         answers = PAIRWISE_ANSWERS if "Response A:" in user else POINTWISE_ANSWERS
         return answers[key % len(answers)]
 
-    def __call__(self, messages):
+    def __call__(self, messages):  # the plain-function view: one prompt, one answer
         self.calls.append(1)
         return self.answer(messages)
 
-    def batch(self, prompts):
+    def ask(self, prompts):
         self.calls.append(len(prompts))
-        if self.batch_fails:
+        if self.batch_fails and len(prompts) > 1:
             raise RuntimeError("out of memory")
         answers = [self.answer(m) for m in prompts]
-        return answers[:-1] if self.short_batch else answers
+        return answers[:-1] if self.short_batch and len(prompts) > 1 else answers
 
 
 def _run_judge(judge, tmp_path, name):
@@ -194,7 +201,7 @@ def _run_judge(judge, tmp_path, name):
 def _assert_same_results(batched, one_by_one):
     (a, records_a), (b, records_b) = batched, one_by_one
     assert records_a == records_b
-    assert a.info["judge"] == b.info["judge"]
+    assert {**a.info["judge"], "backend": None} == {**b.info["judge"], "backend": None}  # only the names differ
     for model, values in b.per_context.items():
         for name, array in values.items():
             np.testing.assert_array_equal(a.per_context[model][name], array)
@@ -205,7 +212,7 @@ def _assert_same_results(batched, one_by_one):
 
 def test_batched_judge_gives_the_one_by_one_records_in_few_calls(tmp_path, monkeypatch):
     plain = ScriptedJudge()
-    one_by_one = _run_judge(lambda m: plain(m), tmp_path, "plain")  # a plain callable: no batch method
+    one_by_one = _run_judge(lambda m: plain(m), tmp_path, "plain")  # a plain function: once per prompt
     total = len(plain.calls)
     assert total == 50 + 80 and set(plain.calls) == {1}
     statuses = one_by_one[0].info["judge"]["status_counts"]
@@ -215,14 +222,14 @@ def test_batched_judge_gives_the_one_by_one_records_in_few_calls(tmp_path, monke
     _assert_same_results(_run_judge(scripted, tmp_path, "batched"), one_by_one)
     assert scripted.calls == [total]  # every prompt in one batched call
 
-    monkeypatch.setattr("esc_evolve.evaluation.judge.BATCH_CHUNK", 32)
+    monkeypatch.setattr("esc_evolve.evaluation.judge.asking.BATCH_CHUNK", 32)
     chunked = ScriptedJudge()
     _assert_same_results(_run_judge(chunked, tmp_path, "chunked"), one_by_one)
     assert chunked.calls == [32, 32, 32, 32, 2]
 
 
 def test_failing_batches_fall_back_and_record_errors_per_prompt(tmp_path, monkeypatch):
-    monkeypatch.setattr("esc_evolve.evaluation.judge.BATCH_CHUNK", 32)
+    monkeypatch.setattr("esc_evolve.evaluation.judge.asking.BATCH_CHUNK", 32)
     plain = ScriptedJudge(fail_every=7)
     one_by_one = _run_judge(lambda m: plain(m), tmp_path, "plain")
     errors = [json.loads(line) for line in one_by_one[1].splitlines() if '"status": "error"' in line]
@@ -235,3 +242,47 @@ def test_failing_batches_fall_back_and_record_errors_per_prompt(tmp_path, monkey
 
     for broken in (ScriptedJudge(fail_every=7, batch_fails=True), ScriptedJudge(fail_every=7, short_batch=True)):
         _assert_same_results(_run_judge(broken, tmp_path, "broken"), one_by_one)  # every prompt ends up alone
+
+
+def test_callable_judge_asks_once_per_prompt_in_order():
+    seen = []
+
+    def fn(messages):
+        seen.append(messages[-1]["content"])
+        return len(seen)  # not a str: answers are turned into text
+
+    judge = CallableJudge(fn, description="counting judge")
+    prompts = [[{"role": "user", "content": f"p{i}"}] for i in range(3)]
+    assert judge.ask(prompts) == ["1", "2", "3"] and seen == ["p0", "p1", "p2"]
+    assert judge.description == "counting judge" and judge.chunk_size == 1
+    with judge as same:  # a context manager, like every judge
+        assert same is judge
+
+
+def test_callable_judge_errors_are_recorded_per_prompt_and_never_retried():
+    table = make_table(2, 1)
+    calls = [pointwise_call(table.samples[i], m, table.responses[m][i]) for m in ("m0", "m1") for i in range(2)]
+    asked = []
+
+    def fn(messages):
+        asked.append(messages)
+        if len(asked) == 2:
+            raise TimeoutError("slow")
+        return '{"empathy": 3}'
+
+    records = judge_calls(CallableJudge(fn), calls)
+    assert len(asked) == 4  # the failure is not asked again
+    assert [r.status for r in records] == ["partial", "error", "partial", "partial"]
+    assert records[1].error == "TimeoutError: slow"
+
+
+def test_evaluate_wraps_a_plain_function_and_names_it():
+    table = make_table(2, 1)
+    settings = EvaluationSettings(metrics=["judge"], bootstrap_samples=20, judge={"pairs": []})
+    result = evaluate(table, settings, embedder=HashEmbedder(), judge=fake_judge)
+    assert result.info["judge"]["backend"] == "a judge callable given to evaluate()"
+    named = evaluate(table, settings, embedder=HashEmbedder(), judge=CallableJudge(fake_judge, "my judge"))
+    assert named.info["judge"]["backend"] == "my judge"
+    assert (
+        named.per_context["m1"]["judge_helpfulness"].tolist() == result.per_context["m1"]["judge_helpfulness"].tolist()
+    )

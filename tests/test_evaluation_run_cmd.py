@@ -11,8 +11,8 @@ from typer.testing import CliRunner
 
 from esc_evolve.cli.app import app
 from esc_evolve.config import ExperimentConfig, dump_config
-from esc_evolve.evaluation.stage import eval_stage, load_run_config
-from esc_evolve.rundir import RunDir
+from esc_evolve.pipeline import RunDir, RunLayout
+from esc_evolve.pipeline.evaluation import eval_stage, load_run_config
 
 runner = CliRunner()
 
@@ -92,7 +92,7 @@ def test_eval_run_user_errors(tiny_run: Path, tmp_path: Path):
         (["eval", str(tiny_run), "--model", "m2"], "m2 not in"),
         (["eval", str(tiny_run), "--model", "human"], "no generated model to evaluate"),
         (["eval", str(tiny_run), "--set", "model.name=other"], "only eval.KEY=VALUE"),
-        (["eval", str(tiny_run), "--set", "eval.judge_backend=remote"], "judge_backend"),
+        (["eval", str(tiny_run), "--set", "eval.judge.backend=remote", "--set", "eval.metrics=[judge]"], "remote"),
     ]
     for args, message in cases:
         result = runner.invoke(app, args)
@@ -101,15 +101,15 @@ def test_eval_run_user_errors(tiny_run: Path, tmp_path: Path):
 
 
 def test_eval_stage_with_local_judge_counts_unparseable_answers(tiny_run: Path, tmp_path: Path):
-    """The pipeline's eval stage with `judge_backend: local` judges with the run's (tiny, random) backbone: its
+    """The pipeline's eval stage with `eval.judge.backend: local` judges with the run's (tiny, random) backbone: its
     answers are noise or do not fit its context, and the report counts them instead of failing or hiding them."""
     run = _copy(tiny_run, tmp_path)
     config = load_run_config(run)
     config.eval.metrics = ["length", "judge"]
-    config.eval.judge_backend = "local"
-    config.eval.judge_max_new_tokens = 6
-    config.eval.judge_max_contexts = 2
-    summary = eval_stage(RunDir(run, config))
+    config.eval.judge.backend = "local"
+    config.eval.judge.max_new_tokens = 6
+    config.eval.judge.max_contexts = 2
+    summary = eval_stage(RunDir(RunLayout(run), config))
     assert any("unparseable answer" in note for note in summary["notes"])
     judge = json.loads((run / "metrics.json").read_text())["details"]["judge"]
     assert judge["backend"].startswith(f"local model {config.model.name}")
@@ -117,3 +117,50 @@ def test_eval_stage_with_local_judge_counts_unparseable_answers(tiny_run: Path, 
     unusable = sum(c for k, c in judge["status_counts"].items() if k.endswith((":failed", ":error")))
     assert unusable >= 1 and f"**{unusable} without a usable answer**" in (run / "report.md").read_text()
     assert len((run / "eval" / "judge_records.jsonl").read_text().splitlines()) == judge["calls"]
+
+
+def test_the_report_shows_how_well_each_iterations_reflections_match_the_gold_profile(tiny_run: Path, tmp_path: Path):
+    """Reflections written by the evolve loop (iterN/pairs.jsonl) reach evaluation: emotion, problem and
+    situation inferred by M_{N-1} are matched against the seekers' gold profiles, per iteration."""
+    from esc_evolve.data import load_train
+    from esc_evolve.evolve.pairs import PairRecord, PairStore
+
+    run = _copy(tiny_run, tmp_path)
+    config = load_run_config(run)
+    samples = [s for s in load_train(config.data).samples if s.profile.emotion_type][:4]
+    guesses = [s.profile.emotion_type for s in samples[:3]] + ["jealousy"]  # three right, one wrong
+    assert samples[3].profile.emotion_type != "jealousy"
+    records = [
+        PairRecord(
+            sample_id=s.sample_id,
+            iteration=1,
+            principles_version=4,
+            prompt=[{"role": "user", "content": "hi"}],
+            rejected="A draft.",
+            rejected_finish="stop",
+            reflection={
+                "parsed": True,
+                "fields": {
+                    "emotion": {"name": "emotion", "raw": guess, "value": guess, "status": "ok"},
+                    "situation": {"name": "situation", "raw": "x", "value": s.profile.situation, "status": "ok"},
+                },
+            },
+            refine_system="",
+            chosen="A reply.",
+            chosen_finish="stop",
+            keep=True,
+            reasons=[],
+            rejected_degenerate=None,
+            gold={},
+        )
+        for s, guess in zip(samples, guesses, strict=True)
+    ]
+    PairStore(RunLayout(run).pairs_file(1)).append(records)
+    summary = eval_stage(RunDir(RunLayout(run), config))
+    assert summary["contexts"] == 3
+    accuracy = json.loads((run / "metrics.json").read_text())["reflection_accuracy"]
+    (label,) = accuracy
+    assert label.startswith("iter1: m0 on 4 training contexts")
+    assert accuracy[label]["emotion_match"]["value"] == pytest.approx(0.75)
+    assert accuracy[label]["reflection_coverage"]["value"] == 1.0
+    assert "Reflection accuracy" in (run / "report.md").read_text()

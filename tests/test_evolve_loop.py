@@ -3,7 +3,10 @@ from pathlib import Path
 import pytest
 
 from esc_evolve.config import ExperimentConfig
-from esc_evolve.evolve.loop import generate_pairs, reflection_prompt, select_contexts
+from esc_evolve.data import load_train
+from esc_evolve.evolve.loop import generate_pairs as generate
+from esc_evolve.evolve.loop import reflection_prompt
+from esc_evolve.evolve.loop import select_contexts as select
 from esc_evolve.evolve.pairs import PairStore
 from esc_evolve.evolve.principles import load_principles
 from esc_evolve.generation.types import GenerationRequest, GenerationResult, Generator
@@ -47,6 +50,25 @@ class ScriptedGenerator(Generator):
 def _config(tmp_path: Path, contexts: int = 6) -> ExperimentConfig:
     return ExperimentConfig.model_validate(
         {"run": {"output_dir": str(tmp_path)}, "evolve": {"contexts_per_iteration": contexts}}
+    )
+
+
+def select_contexts(config: ExperimentConfig, iteration: int):
+    return select(load_train(config.data).samples, config.evolve, config.run.seed, iteration)
+
+
+def generate_pairs(config: ExperimentConfig, iteration: int, generator, tokenizer, store: PairStore, chunk_size=None):
+    """One iteration's pairs as a notebook would make them: contexts, generator and file given, no run directory."""
+    return generate(
+        config.evolve,
+        select_contexts(config, iteration),
+        generator,
+        store.path,
+        iteration=iteration,
+        seed=config.run.seed,
+        system_prompt=config.data.system_prompt,
+        tokenizer=tokenizer,
+        chunk_size=chunk_size,
     )
 
 
@@ -138,3 +160,32 @@ def test_a_refinement_that_ignores_a_seeker_at_risk_is_not_a_dpo_target(tmp_path
     generate_pairs(config, 1, ScriptedGenerator(), tokenizer, store)
     (record,) = store.read()
     assert not record.keep and "chosen_ignores_risk" in record.reasons  # REFINED gives no crisis resources
+
+
+def test_the_generators_own_tokenizer_renders_the_reflection_prompts(tmp_path: Path, tokenizer) -> None:
+    """Without an explicit tokenizer the generator's is used (the one it generates with); none at all is an error."""
+    from esc_evolve.errors import ConfigError
+
+    config = _config(tmp_path, contexts=2)
+    generator = ScriptedGenerator()
+    generator.tokenizer = tokenizer
+    generate(
+        config.evolve,
+        select_contexts(config, 1),
+        generator,
+        tmp_path / "pairs.jsonl",
+        iteration=1,
+        seed=1,
+        system_prompt=None,
+    )
+    assert len(PairStore(tmp_path / "pairs.jsonl").done_ids()) == 2
+    with pytest.raises(ConfigError, match="tokenizer"):
+        generate(
+            config.evolve,
+            select_contexts(config, 2),
+            ScriptedGenerator(),
+            tmp_path / "other.jsonl",
+            iteration=2,
+            seed=1,
+            system_prompt=None,
+        )

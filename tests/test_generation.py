@@ -9,8 +9,15 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from esc_evolve.config import GenerationConfig, ModelConfig
-from esc_evolve.generation import GenerationError, GenerationRequest, build_generator, load_for_generation
+from esc_evolve.config import GenerationSettings, ModelSettings
+from esc_evolve.generation import (
+    GenerationError,
+    GenerationRequest,
+    GenerationResult,
+    Generator,
+    build_generator,
+    load_for_generation,
+)
 from esc_evolve.generation.batching import Prepared, common_prefix, layout, plan_batches
 from esc_evolve.generation.openai_backend import OpenAIGenerator
 from tests.generation_fixtures import (
@@ -205,10 +212,10 @@ def test_adapter_changes_outputs_and_merged_equals_unmerged(tiny_model_dir: Path
 
 def test_build_generator_applies_an_adapter_and_rejects_other_folders(tiny_model_dir: Path, tmp_path: Path) -> None:
     adapter = make_adapter(tiny_model_dir, tmp_path / "adapter")
-    generator = build_generator(tiny_model_config(tiny_model_dir), GenerationConfig(max_new_tokens=4), adapter)
+    generator = build_generator(tiny_model_config(tiny_model_dir), GenerationSettings(max_new_tokens=4), adapter)
     assert generator.generate([GenerationRequest(messages=chat("hi"))], progress=False)[0].num_tokens == 4
     with pytest.raises(GenerationError, match="not a peft adapter folder"):
-        build_generator(tiny_model_config(tiny_model_dir), GenerationConfig(), tmp_path)
+        build_generator(tiny_model_config(tiny_model_dir), GenerationSettings(), tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -247,7 +254,7 @@ def test_openai_backend_against_a_loopback_server(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("ESC_TEST_KEY", "sk-test")
     with loopback_server() as server:
         generator = OpenAIGenerator(
-            server.base_url, "judge", GenerationConfig(max_new_tokens=5), api_key_env="ESC_TEST_KEY", timeout=5
+            server.base_url, "judge", GenerationSettings(max_new_tokens=5), api_key_env="ESC_TEST_KEY", timeout=5
         )
         requests = [GenerationRequest(messages=chat(f"message {i}"), id=f"c{i}", seed=i) for i in range(6)]
         requests.append(GenerationRequest(prompt="raw prompt", stop=("END",), id="p"))
@@ -275,9 +282,9 @@ def test_openai_backend_retries_busy_servers_then_reports_errors(monkeypatch: py
         server.fail_next = 3
         with pytest.raises(GenerationError, match="answered 503"):
             generator.generate([GenerationRequest(messages=chat("hi"), id="busy")], progress=False)
-    with pytest.raises(GenerationError, match="openai_base_url"):
+    with pytest.raises(GenerationError, match=r"generation\.openai\.base_url"):
         monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
-        build_generator(ModelConfig(), GenerationConfig(backend="openai"))
+        build_generator(ModelSettings(), GenerationSettings(backend="openai"))
 
 
 def test_openai_backend_sends_requests_concurrently_and_keeps_input_order() -> None:
@@ -307,14 +314,14 @@ def test_openai_backend_failure_drops_the_requests_not_yet_sent() -> None:
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vllm is installed: the error path is moot")
 def test_vllm_backend_without_vllm_is_a_clear_error() -> None:
     with pytest.raises(GenerationError, match=r"vllm is not installed.*\[gpu\]"):
-        build_generator(ModelConfig(), GenerationConfig(backend="vllm"))
+        build_generator(ModelSettings(), GenerationSettings(backend="vllm"))
 
 
 @pytest.mark.skipif(
     importlib.util.find_spec("vllm") is None, reason="vllm is not installed (optional extra `gpu`, CUDA only)"
 )
 def test_vllm_backend_generates_in_input_order(tiny_model_dir: Path) -> None:
-    generator = build_generator(tiny_model_config(tiny_model_dir), GenerationConfig(backend="vllm", max_new_tokens=4))
+    generator = build_generator(tiny_model_config(tiny_model_dir), GenerationSettings(backend="vllm", max_new_tokens=4))
     results = generator.generate(varied_requests(4), progress=False)
     assert [r.request_id for r in results] == [f"r{i}" for i in range(6)]
     assert all(r.num_tokens == 4 for r in results)
@@ -342,9 +349,30 @@ def test_generate_command_shows_replies_and_references(tiny_model_dir: Path) -> 
 
 @pytest.mark.backbone
 def test_real_backbone_batched_equals_alone() -> None:
-    model, tokenizer = load_for_generation(ModelConfig(device="cpu"))
+    model, tokenizer = load_for_generation(ModelSettings(device="cpu"))
     engine = make_engine(model, tokenizer, batch_size=4, max_new_tokens=24)
     requests = varied_requests(24)[:4]
     for request, result in zip(requests, engine.generate(requests, progress=False), strict=True):
         assert list(result.token_ids) == naive_tokens(model, tokenizer, request, engine.eos_ids), request.id
         assert result.text.strip()
+
+
+def test_backends_are_registered_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`generation.backend` names a registered builder; a project can add its own; unknown names list the known."""
+    from esc_evolve.errors import ConfigError
+    from esc_evolve.generation import factory, register_backend
+
+    monkeypatch.setattr(factory, "BACKENDS", dict(factory.BACKENDS))  # registrations end with the test
+
+    class Echo(Generator):
+        def generate(self, requests, progress=True):
+            return [GenerationResult(r.messages[-1]["content"], 1, "stop", r.id) for r in requests]
+
+    @register_backend("echo")
+    def _echo(model, generation, adapter, seed):
+        return Echo()
+
+    generator = build_generator(ModelSettings(), GenerationSettings(backend="echo"))
+    assert generator.generate([GenerationRequest(messages=chat("hi"))])[0].text == "hi"
+    with pytest.raises(ConfigError, match="unknown generation backend 'nope'; registered: echo, openai"):
+        build_generator(ModelSettings(), GenerationSettings(backend="nope"))

@@ -14,10 +14,9 @@ import torch
 from typer.testing import CliRunner
 
 from esc_evolve.cli.app import app
-from esc_evolve.config import ExperimentConfig, ModelConfig, validate_config
+from esc_evolve.config import ExperimentConfig, ModelSettings, validate_config
 from esc_evolve.generation import build_generator, load_for_generation
 from esc_evolve.models import load_model
-from esc_evolve.rundir import RunDir
 from esc_evolve.training.settings import resolve_runtime
 from tests.generation_fixtures import make_engine, naive_tokens, varied_requests
 
@@ -36,7 +35,7 @@ def on_auto_device(config: ExperimentConfig) -> ExperimentConfig:
 
 def test_auto_settings_pick_the_gpu_and_bf16(tiny_model_dir: Path) -> None:
     config = validate_config({"model": {"name": str(tiny_model_dir)}}, "<test>")
-    runtime = resolve_runtime(config, config.sft)
+    runtime = resolve_runtime(config.model, config.sft)
     assert runtime.device.type == "cuda"
     assert runtime.bf16 is torch.cuda.is_bf16_supported()
     model, _ = load_model(config.model)
@@ -45,7 +44,7 @@ def test_auto_settings_pick_the_gpu_and_bf16(tiny_model_dir: Path) -> None:
 
 
 def test_batched_greedy_equals_alone_on_the_gpu(tiny_model_dir: Path) -> None:
-    model, tokenizer = load_for_generation(ModelConfig(name=str(tiny_model_dir), device="cuda", dtype="float32"))
+    model, tokenizer = load_for_generation(ModelSettings(name=str(tiny_model_dir), device="cuda", dtype="float32"))
     engine = make_engine(model, tokenizer, batch_size=4, max_new_tokens=16)
     requests = varied_requests(max_new_tokens=16)
     for request, result in zip(requests, engine.generate(requests, progress=False), strict=True):
@@ -53,32 +52,32 @@ def test_batched_greedy_equals_alone_on_the_gpu(tiny_model_dir: Path) -> None:
 
 
 def test_bf16_generation_with_an_adapter_runs_on_the_gpu(tiny_model_dir: Path, tmp_path: Path) -> None:
-    from esc_evolve.config import GenerationConfig
+    from esc_evolve.config import GenerationSettings
     from tests.generation_fixtures import make_adapter
 
     adapter = make_adapter(tiny_model_dir, tmp_path / "adapter")
-    model_config = ModelConfig(name=str(tiny_model_dir), device="cuda", dtype="bfloat16")
-    generator = build_generator(model_config, GenerationConfig(max_new_tokens=8, temperature=0.0), adapter=adapter)
+    model_config = ModelSettings(name=str(tiny_model_dir), device="cuda", dtype="bfloat16")
+    generator = build_generator(model_config, GenerationSettings(max_new_tokens=8, temperature=0.0), adapter=adapter)
     results = generator.generate(varied_requests(max_new_tokens=8), progress=False)
     assert len(results) == 6 and all(0 < r.num_tokens <= 8 for r in results)
 
 
 def test_sft_and_dpo_train_on_the_gpu(tmp_path: Path, tiny_model_dir: Path) -> None:
-    from esc_evolve.training.dpo import run_dpo
-    from esc_evolve.training.sft import run_sft
+    from esc_evolve.pipeline import RunLayout
     from tests.sft_fixtures import tiny_config
-    from tests.test_dpo import _config, _m0, _write_pairs
+    from tests.test_dpo import _config, _m0, _train, _write_pairs
+    from tests.test_sft import _train as train_sft
 
     sft_config = on_auto_device(tiny_config(tmp_path, tiny_model_dir, bf16=None))  # bf16 per device
-    summary = run_sft(RunDir.create(sft_config))
+    summary = train_sft(sft_config, tmp_path / "sft")
     assert summary["runtime"]["bf16"] is torch.cuda.is_bf16_supported()
     assert summary["eval_loss"] < summary["base_eval_loss"]
 
     dpo_config = on_auto_device(_config(tmp_path, tiny_model_dir, bf16=None))
-    run = RunDir.create(dpo_config)
-    m0 = _m0(run.path, tiny_model_dir)
-    _write_pairs(run.path)
-    summary = run_dpo(run, 1, m0)
+    run = RunLayout.of(dpo_config.run).root
+    m0 = _m0(run, tiny_model_dir)
+    _write_pairs(run)
+    summary = _train(dpo_config, run, m0)
     assert summary["steps"] == 6 and summary["rewards_margins_last"] > summary["rewards_margins_first"]
 
 

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from esc_evolve.config import ModelConfig
+from esc_evolve.config import ModelSettings
 from esc_evolve.errors import BackboneError
 from esc_evolve.models import load_model
 from esc_evolve.models.lineage import adapter_chain, write_lineage
@@ -26,7 +26,7 @@ def test_chain_of_adapters_loads_as_merged_parents_plus_last(tmp_path: Path, tin
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    config = ModelConfig(name=str(tiny_model_dir), device="cpu")
+    config = ModelSettings(name=str(tiny_model_dir), device="cpu")
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     _random_adapter(base, tmp_path / "m0", seed=1)
     write_lineage(tmp_path / "m0", str(tiny_model_dir), None)
@@ -42,7 +42,7 @@ def test_chain_of_adapters_loads_as_merged_parents_plus_last(tmp_path: Path, tin
 
     ids = torch.tensor([[1, 2, 3, 4, 5]])
     expected_m1 = PeftModel.from_pretrained(m0_merged, tmp_path / "iter1" / "m1")
-    loaded, _ = load_model(ModelConfig(name="some/other-model", device="cpu"), adapter=tmp_path / "iter1" / "m1")
+    loaded, _ = load_model(ModelSettings(name="some/other-model", device="cpu"), adapter=tmp_path / "iter1" / "m1")
     assert torch.allclose(_logits(loaded, ids), _logits(expected_m1, ids), atol=1e-5)  # base taken from lineage
     merged, _ = load_model(config, adapter=tmp_path / "iter1" / "m1", merge=True)
     assert torch.allclose(_logits(merged, ids), _logits(expected_m1, ids), atol=1e-5)

@@ -13,11 +13,10 @@ import torch
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 from esc_evolve.config import LoraSettings, validate_config
-from esc_evolve.rundir import RunDir
 from esc_evolve.training import settings
 from esc_evolve.training.data import build_sft_rows, load_replay, replay_row
 from esc_evolve.training.settings import FAMILY_TARGETS, lora_config, resolve_runtime, trl_sft_config
-from esc_evolve.training.sft import build_trainer, latest_checkpoint, run_sft
+from esc_evolve.training.sft import build_trainer, latest_checkpoint, train_sft
 from esc_evolve.training.speed import compact_lm_head_on_cpu
 from tests.conftest import write_jsonl
 from tests.sft_fixtures import Interrupted, StopAt, tiny_config
@@ -34,11 +33,29 @@ def _one_thread() -> None:
     torch.set_num_threads(threads)
 
 
+def _rows(config):
+    return build_sft_rows(config.sft, config.data, config.model, config.run.seed)
+
+
 def _trainer(tmp_path: Path, model_dir: Path, **sft):
     config = tiny_config(tmp_path, model_dir, **sft)
-    run = RunDir.create(config)
-    rows = build_sft_rows(config)
-    return rows, build_trainer(config, rows, resolve_runtime(config), run.path, [])
+    rows = _rows(config)
+    runtime = resolve_runtime(config.model, config.sft)
+    return rows, build_trainer(config.sft, config.model, rows, runtime, config.run.seed, tmp_path / "work", [])
+
+
+def _train(config, out: Path, callbacks=None) -> dict:
+    """Phase 1 as a notebook would call it: no run directory, every path given."""
+    return train_sft(
+        config.sft,
+        config.model,
+        config.data,
+        out / "m0",
+        seed=config.run.seed,
+        work_dir=out / "sft-checkpoints",
+        log_dir=out / "logs" / "tensorboard" / "sft",
+        callbacks=callbacks,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -89,7 +106,7 @@ def test_trl_config_takes_every_training_value_from_ours(tmp_path: Path, monkeyp
         "max_steps": 11,
         "per_device_batch_size": 3,
         "gradient_accumulation_steps": 5,
-        "max_seq_length": 300,
+        "max_length": 300,
         "lr_scheduler": "linear",
         "warmup_ratio": 0.1,
         "weight_decay": 0.01,
@@ -97,7 +114,7 @@ def test_trl_config_takes_every_training_value_from_ours(tmp_path: Path, monkeyp
         "save_steps": 9,
     }
     config = validate_config({"run": {"seed": 7}, "model": {"device": "cpu"}, "sft": sft}, "<test>")
-    args = trl_sft_config(config, tmp_path, resolve_runtime(config))
+    args = trl_sft_config(config.sft, config.run.seed, tmp_path, resolve_runtime(config.model, config.sft))
     assert (args.learning_rate, args.num_train_epochs, args.max_steps) == (3e-4, 2, 11)
     assert (args.per_device_train_batch_size, args.gradient_accumulation_steps, args.max_length) == (3, 5, 300)
     assert (args.lr_scheduler_type.value, args.warmup_steps, args.weight_decay) == ("linear", 0.1, 0.01)
@@ -112,7 +129,8 @@ def test_trl_config_takes_every_training_value_from_ours(tmp_path: Path, monkeyp
 @pytest.mark.parametrize("native", [False, True])
 def test_cpu_defaults_follow_native_bf16(monkeypatch: pytest.MonkeyPatch, native: bool) -> None:
     monkeypatch.setattr(settings, "cpu_has_native_bf16", lambda: native)
-    runtime = resolve_runtime(validate_config({"model": {"device": "cpu"}}, "<test>"))
+    config = validate_config({"model": {"device": "cpu"}}, "<test>")
+    runtime = resolve_runtime(config.model, config.sft)
     assert runtime.bf16 is native and runtime.fp16 is False and runtime.gradient_checkpointing is False
     assert runtime.dtype == (torch.bfloat16 if native else torch.float32)
     assert runtime.attn_implementation == "eager"
@@ -122,7 +140,7 @@ def test_explicit_settings_are_respected(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setattr(settings, "cpu_has_native_bf16", lambda: True)
     model = {"device": "cpu", "dtype": "float32", "attn_implementation": "sdpa"}
     config = validate_config({"model": model, "sft": {"bf16": False, "gradient_checkpointing": True}}, "<test>")
-    runtime = resolve_runtime(config)
+    runtime = resolve_runtime(config.model, config.sft)
     assert runtime.bf16 is False and runtime.gradient_checkpointing is True
     assert runtime.dtype == torch.float32 and runtime.attn_implementation == "sdpa"
 
@@ -131,7 +149,8 @@ def test_explicit_settings_are_respected(monkeypatch: pytest.MonkeyPatch) -> Non
 def test_gpu_defaults(monkeypatch: pytest.MonkeyPatch, bf16_ok: bool, expected: tuple[bool, bool]) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16_ok)
-    runtime = resolve_runtime(validate_config({}, "<test>"))
+    config = validate_config({}, "<test>")
+    runtime = resolve_runtime(config.model, config.sft)
     assert runtime.device.type == "cuda"
     assert (runtime.bf16, runtime.fp16) == expected
     assert runtime.gradient_checkpointing is True
@@ -170,7 +189,7 @@ def test_replay_formats() -> None:
 def test_replay_is_mixed_at_the_configured_ratio(tmp_path: Path, tiny_model_dir: Path) -> None:
     replay = write_jsonl(tmp_path / "replay.jsonl", [{"prompt": f"Q{i}", "response": f"A{i}"} for i in range(5)])
     config = tiny_config(tmp_path, tiny_model_dir, replay_path=str(replay), replay_ratio=0.25, max_train_samples=12)
-    rows = build_sft_rows(config)
+    rows = _rows(config)
     assert rows.counts["train_samples"] == 12 and rows.counts["replay_samples"] == 3
     assert sum(row["prompt"][-1]["content"].startswith("Q") for row in rows.train) == 3
     assert len(load_replay(replay)) == 5
@@ -199,7 +218,7 @@ def test_heldout_slice_is_split_by_conversation(tmp_path: Path, tiny_model_dir: 
     config = tiny_config(tmp_path, tiny_model_dir)
     config = config.model_copy(update={"data": config.data.model_copy(update={"valid_path": None})})
     config.sft.eval_fraction = 0.25
-    rows = build_sft_rows(config)
+    rows = _rows(config)
     assert rows.counts["eval_samples"] == 2 * 2  # 2 of 8 conversations, 2 samples each
     assert rows.counts["train_samples"] == 6 * 2
 
@@ -211,31 +230,31 @@ def test_heldout_slice_is_split_by_conversation(tmp_path: Path, tiny_model_dir: 
 @pytest.mark.parametrize("bf16", [False, True])
 def test_training_lowers_the_loss_and_writes_m0(tmp_path: Path, tiny_model_dir: Path, bf16: bool) -> None:
     config = tiny_config(tmp_path, tiny_model_dir, merge_adapter=True, bf16=bf16)
-    run = RunDir.create(config)
-    summary = run_sft(run)
+    out = tmp_path / "out"
+    summary = _train(config, out)
     assert summary["steps"] == 8 and summary["eval_loss"] < summary["base_eval_loss"] - 0.1
     losses = [
         h["loss"]
-        for h in json.loads((latest_checkpoint(run.path / "sft-checkpoints") / "trainer_state.json").read_text())[
+        for h in json.loads((latest_checkpoint(out / "sft-checkpoints") / "trainer_state.json").read_text())[
             "log_history"
         ]
         if "loss" in h
     ]
     assert losses[-1] < losses[0]
     assert summary["tokens_per_second"] > 0 and summary["runtime"]["bf16"] is bf16
-    m0 = run.path / "m0"
+    m0 = out / "m0"
     assert (m0 / "adapter_config.json").is_file() and (m0 / "adapter_model.safetensors").is_file()
     assert json.loads((m0 / "train_summary.json").read_text())["eval_loss"] == summary["eval_loss"]
-    assert not list(run.path.glob(".m0*"))  # staging folders are gone
-    assert _tensorboard_tags(run.path / "logs" / "tensorboard" / "sft") >= {
+    assert not list(out.glob(".m0*"))  # staging folders are gone
+    assert _tensorboard_tags(out / "logs" / "tensorboard" / "sft") >= {
         "train/loss",
         "train/learning_rate",
         "train/grad_norm",
         "train/tokens_per_second",
         "eval/loss",
     }
-    assert not (run.path / "sft-checkpoints" / "runs").exists()
-    _merged_model_matches_adapter(config, run.path)
+    assert not (out / "sft-checkpoints" / "runs").exists()
+    _merged_model_matches_adapter(config, out)
 
 
 def _tensorboard_tags(folder: Path) -> set[str]:
@@ -268,18 +287,18 @@ class FirstStep(TrainerCallback):
 
 def test_resume_continues_from_the_last_checkpoint(tmp_path: Path, tiny_model_dir: Path) -> None:
     config = tiny_config(tmp_path, tiny_model_dir)
-    run = RunDir.create(config)
+    out = tmp_path / "out"
     with pytest.raises(Interrupted):
-        run_sft(run, callbacks=[StopAt(6)])  # killed after step 6; the last checkpoint is step 4
-    checkpoints = run.path / "sft-checkpoints"
-    assert latest_checkpoint(checkpoints).name == "checkpoint-4" and not (run.path / "m0").exists()
+        _train(config, out, callbacks=[StopAt(6)])  # killed after step 6; the last checkpoint is step 4
+    checkpoints = out / "sft-checkpoints"
+    assert latest_checkpoint(checkpoints).name == "checkpoint-4" and not (out / "m0").exists()
     # A half-written newer checkpoint (no trainer_state.json) is ignored.
     (checkpoints / "checkpoint-5").mkdir()
     first = FirstStep()
-    summary = run_sft(RunDir.create(config, resume=True), callbacks=[first])
+    summary = _train(config, out, callbacks=[first])
     assert first.first == 4 and summary["resumed_from_step"] == 4
     assert summary["steps"] == 8 and summary["session_steps"] == 4
-    assert (run.path / "m0" / "adapter_config.json").is_file()
+    assert (out / "m0" / "adapter_config.json").is_file()
 
 
 # ---------------------------------------------------------------------------------------------------------

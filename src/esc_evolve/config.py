@@ -9,7 +9,9 @@ Defaults that differ from the libraries we build on (transformers, trl) are said
 
 from __future__ import annotations
 
+import copy
 import difflib
+import logging
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,6 +19,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from esc_evolve.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 DEFAULT_SYSTEM_PROMPT = (
     "You are a warm, attentive emotional supporter talking with someone who is going through a hard time. "
@@ -32,8 +36,18 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class DataConfig(StrictModel):
-    """Where conversations come from and how turn-level samples are cut from them."""
+class RunSettings(StrictModel):
+    """Where a run lives and how it is seeded."""
+
+    name: str = "quickstart"
+    output_dir: str = "runs"
+    seed: int = 42
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+class DataSettings(StrictModel):
+    """Where conversations come from and how turn-level samples are cut from them (read by `data.load_split`,
+    the one entry point every stage and command uses). The file format is detected from each file."""
 
     train_path: str = Field(
         "builtin:train",
@@ -42,20 +56,19 @@ class DataConfig(StrictModel):
         "or 'hf:thu-coai/esconv:train' for the Hugging Face hub (needs network).",
     )
     valid_path: str | None = Field("builtin:valid", description="Same forms as train_path; used for eval.")
-    format: Literal["auto", "esconv", "esconv_raw", "multiesc"] = Field(
-        "auto", description="File format; 'auto' detects it from the first record."
-    )
     context_window: int = Field(
         10, ge=0, description="Merged turns of history kept before each supporter turn (0 = all)."
     )
-    max_conversations: int | None = Field(None, ge=1, description="Use only the first N conversations.")
+    max_conversations: int | None = Field(
+        None, ge=1, description="Use only the first N conversations of the training split."
+    )
     skip_invalid: bool = Field(
         False, description="Skip malformed records (and log a count) instead of stopping with an error."
     )
     system_prompt: str = Field(DEFAULT_SYSTEM_PROMPT, description="System message of every chat prompt.")
 
 
-class ModelConfig(StrictModel):
+class ModelSettings(StrictModel):
     """The backbone: an alias (default `smollm2-135m-instruct`), a Hugging Face id, or a local folder."""
 
     name: str = "smollm2-135m-instruct"
@@ -75,33 +88,49 @@ class ModelConfig(StrictModel):
     attn_implementation: str | None = Field(None, description="e.g. 'sdpa', 'flash_attention_2'.")
 
 
-class GenerationConfig(StrictModel):
-    """Decoding settings shared by evolve, evaluation and chat."""
+class TransformersSettings(StrictModel):
+    """The `transformers` generation backend (see docs/generation.md for what each buys on a CPU)."""
 
-    backend: Literal["transformers", "vllm", "openai"] = "transformers"
-    batch_size: int = Field(16, ge=1)
-    max_new_tokens: int = Field(96, ge=1)
-    temperature: float = Field(0.0, ge=0.0, description="0 = greedy decoding.")
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    repetition_penalty: float = Field(1.0, gt=0.0)
-    # transformers backend (see docs/generation.md for what each buys on a CPU)
     merge_adapter: bool = Field(True, description="Fold a LoRA adapter into the weights before generating.")
     static_cache: bool | None = Field(
         None, description="Static KV cache (null = on CPU, where the dynamic one re-concatenates at each step)."
     )
     share_prefix_min: int = Field(16, ge=0, description="Shortest shared prompt prefix computed once per batch.")
     row_prefill: bool | None = Field(None, description="Prefill each prompt alone, without padding (null = on CPU).")
-    # vLLM backend
+
+
+class VLLMSettings(StrictModel):
+    """The `vllm` generation backend (extra `gpu`)."""
+
     tensor_parallel_size: int = Field(1, ge=1)
     gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0)
-    # OpenAI-compatible backend (judges, remote models); the key is read from the named environment variable
-    openai_base_url: str | None = None
-    openai_model: str | None = None
-    openai_api_key_env: str = "OPENAI_API_KEY"
+
+
+class OpenAISettings(StrictModel):
+    """An OpenAI-compatible server. The API key is read from the environment variable `api_key_env` names, at
+    run time, and never written anywhere."""
+
+    base_url: str | None = Field(None, description="e.g. http://127.0.0.1:8000/v1; default $OPENAI_BASE_URL.")
+    model: str | None = Field(None, description="The served model's name; default model.name.")
+    api_key_env: str = "OPENAI_API_KEY"
     request_timeout: float = Field(120.0, gt=0.0)
     max_concurrency: int = Field(
         8, ge=1, description="Requests in flight at once (a thread pool); results come back in input order."
     )
+
+
+class GenerationSettings(StrictModel):
+    """Decoding settings shared by evolve, evaluation and chat; each backend's own settings in its block."""
+
+    backend: str = Field("transformers", description="A registered backend: transformers, vllm or openai.")
+    batch_size: int = Field(16, ge=1)
+    max_new_tokens: int = Field(96, ge=1)
+    temperature: float = Field(0.0, ge=0.0, description="0 = greedy decoding.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    repetition_penalty: float = Field(1.0, gt=0.0)
+    transformers: TransformersSettings = TransformersSettings()
+    vllm: VLLMSettings = VLLMSettings()
+    openai: OpenAISettings = OpenAISettings()
 
 
 class LoraSettings(StrictModel):
@@ -113,13 +142,12 @@ class LoraSettings(StrictModel):
     target_modules: list[str] | str | None = "all-linear"
 
 
-class SFTConfig(StrictModel):
-    """Phase 1, experience acquisition: LoRA SFT on ESC turns (gives M0).
+class TrainerSettings(StrictModel):
+    """What SFT and DPO share, one name per concept, every field honoured by both trainers.
 
-    Differs from trl's SFTConfig defaults: bf16 and gradient checkpointing are decided per device (`null` =
-    auto): bf16 on GPUs that support it and on CPUs with native bf16 (AVX512-BF16/AMX), fp32 on other CPUs,
-    where bf16 is emulated and slow; gradient checkpointing on GPUs only (on CPU it only recomputes).
-    Batches are grouped by length (less padding). See docs/sft.md for the measurements behind these choices.
+    bf16 and gradient checkpointing are decided per device (`null` = auto): bf16 on GPUs that support it and on
+    CPUs with native bf16 (AVX512-BF16/AMX), fp32 on other CPUs, where bf16 is emulated and slow; gradient
+    checkpointing on GPUs only (on CPU it only recomputes). See docs/sft.md for the measurements.
     """
 
     learning_rate: float = Field(2e-4, gt=0)
@@ -127,13 +155,23 @@ class SFTConfig(StrictModel):
     max_steps: int = Field(-1, description="-1 = run the epochs; otherwise stop after this many steps.")
     per_device_batch_size: int = Field(4, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
-    max_seq_length: int = Field(512, ge=16)
+    max_length: int = Field(512, ge=16, description="Tokens of prompt + response; longer contexts lose old turns.")
     lr_scheduler: str = "cosine"
     warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0)
     weight_decay: float = Field(0.0, ge=0.0)
     lora: LoraSettings = LoraSettings()
     bf16: bool | None = None
     gradient_checkpointing: bool | None = None
+    num_threads: int | None = Field(
+        None, ge=1, description="torch CPU threads per process; null = torch default. On a shared CPU, 1 can be faster."
+    )
+    logging_steps: int = Field(5, ge=1)
+    save_steps: int = Field(50, ge=1)
+
+
+class SFTSettings(TrainerSettings):
+    """Phase 1, experience acquisition: LoRA SFT on ESC turns (gives M0). Batches are grouped by length."""
+
     replay_path: str | None = Field(None, description="Chat-format JSON-lines of general instruction data.")
     replay_ratio: float = Field(0.0, ge=0.0, le=1.0, description="Share of replay samples in the mix.")
     eval_fraction: float = Field(
@@ -145,12 +183,32 @@ class SFTConfig(StrictModel):
     max_train_samples: int | None = Field(None, ge=1)
     max_eval_samples: int | None = Field(64, ge=1, description="Cap of the eval slice (seeded random); null = all.")
     group_by_length: bool = Field(True, description="Batch samples of similar length (less padding).")
-    num_threads: int | None = Field(
-        None, ge=1, description="torch CPU threads per process; null = torch default. On a shared CPU, 1 can be faster."
-    )
-    logging_steps: int = Field(5, ge=1)
-    save_steps: int = Field(50, ge=1)
     merge_adapter: bool = Field(False, description="Also save M0 with the adapter merged into the weights.")
+
+
+class DPOSettings(TrainerSettings):
+    """DPO of M_t on its own pairs (gives M_{t+1}); the reference model is M_t.
+
+    Differs from trl's DPOConfig defaults: learning rate 5e-5 (trl: 1e-6, meant for full fine-tuning; a fresh
+    LoRA adapter needs more), bf16 and gradient checkpointing per device as in `sft`.
+    DPO rewards length; two documented counters: `loss_type: sigmoid_norm` (log-probs averaged over tokens)
+    and `ld_alpha` (LD-DPO: down-weights the tokens of the longer response beyond the shared length).
+    """
+
+    learning_rate: float = Field(5e-5, gt=0)
+    per_device_batch_size: int = Field(2, ge=1)
+    gradient_accumulation_steps: int = Field(2, ge=1)
+    warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0)
+    logging_steps: int = Field(2, ge=1)
+    save_steps: int = Field(20, ge=1)
+    beta: float = Field(0.1, gt=0)
+    loss_type: Literal["sigmoid", "sigmoid_norm", "ipo", "robust", "hinge", "exo_pair", "bco_pair", "apo_zero"] = (
+        "sigmoid"
+    )
+    rpo_alpha: float | None = Field(None, ge=0, description="Weight of an NLL term on the chosen side (RPO).")
+    ld_alpha: float | None = Field(
+        None, ge=0.0, le=1.0, description="LD-DPO length control: weight of tokens past the shorter response."
+    )
 
 
 class ReflectionFilters(StrictModel):
@@ -165,7 +223,7 @@ class ReflectionFilters(StrictModel):
     )
 
 
-class EvolveConfig(StrictModel):
+class EvolveSettings(StrictModel):
     """Phase 2, self-improvement: reflect, refine, build pairs, iterate."""
 
     iterations: int = Field(2, ge=0)
@@ -176,44 +234,35 @@ class EvolveConfig(StrictModel):
     refine_temperature: float = Field(
         0.7,
         ge=0.0,
-        description="Sampling temperature of the refined reply y' (0 = greedy). Greedy refinement mostly "
-        "echoes the draft (16 of 24 pairs 'too_similar' in a quickstart run); sampling explores.",
+        description="Sampling temperature of the refined reply y' (0 = greedy; greedy refinement mostly echoes "
+        "the draft, see docs/evolve.md).",
     )
     refine_top_p: float = Field(0.9, gt=0.0, le=1.0)
     filters: ReflectionFilters = ReflectionFilters()
 
 
-class DPOConfig(StrictModel):
-    """DPO of M_t on its own pairs (gives M_{t+1}); the reference model is M_t.
+class JudgeSettings(StrictModel):
+    """The LLM judge of evaluation (see docs/evaluation.md): always greedy, never with an adapter."""
 
-    Differs from trl's DPOConfig defaults: learning rate 5e-5 (trl: 1e-6, meant for full fine-tuning; a fresh
-    LoRA adapter needs more), bf16 and gradient checkpointing per device as in `sft`.
-    DPO rewards length; two documented counters: `loss_type: sigmoid_norm` (log-probs averaged over tokens)
-    and `ld_alpha` (LD-DPO: down-weights the tokens of the longer response beyond the shared length).
-    """
-
-    beta: float = Field(0.1, gt=0)
-    loss_type: Literal["sigmoid", "sigmoid_norm", "ipo", "robust", "hinge", "exo_pair", "bco_pair", "apo_zero"] = (
-        "sigmoid"
+    backend: str = Field(
+        "none",
+        description="A registered judge backend: 'none' (judge metric skipped), 'local' (a local model) or "
+        "'openai' (an OpenAI-compatible server).",
     )
-    rpo_alpha: float | None = Field(None, ge=0, description="Weight of an NLL term on the chosen side (RPO).")
-    ld_alpha: float | None = Field(
-        None, ge=0.0, le=1.0, description="LD-DPO length control: weight of tokens past the shorter response."
+    model: str | None = Field(
+        None, description="local: a model id, alias or folder to judge with (default model.name, without adapter)."
     )
-    learning_rate: float = Field(5e-5, gt=0)
-    epochs: float = Field(1.0, gt=0)
-    max_steps: int = -1
-    per_device_batch_size: int = Field(2, ge=1)
-    gradient_accumulation_steps: int = Field(2, ge=1)
-    max_length: int = Field(512, ge=16)
-    lora: LoraSettings = LoraSettings()
-    bf16: bool | None = None
-    gradient_checkpointing: bool | None = None
-    logging_steps: int = Field(2, ge=1)
-    save_steps: int = Field(20, ge=1)
+    openai: OpenAISettings | None = Field(
+        None, description="openai: the server; fields left unset come from generation.openai."
+    )
+    max_new_tokens: int = Field(256, ge=1, description="Token budget of one judge answer.")
+    pairs: list[tuple[str, str]] | None = Field(
+        None, description="(A, B) pairs for the pairwise judge; None = each model vs its predecessor, last vs first."
+    )
+    max_contexts: int | None = Field(None, ge=1, description="Judge only the first N contexts (cost).")
 
 
-class EvalConfig(StrictModel):
+class EvalSettings(StrictModel):
     """Evaluation on turn-level contexts of a split (see docs/evaluation.md for every metric's definition)."""
 
     split_path: str | None = Field(None, description="Defaults to data.valid_path.")
@@ -232,31 +281,7 @@ class EvalConfig(StrictModel):
             "judge",
         ]
     )
-    judge_backend: Literal["none", "local", "openai"] = Field(
-        "none",
-        description="LLM judge: 'none' (judge metric skipped), 'local' (a local model, greedy, no adapter) or "
-        "'openai' (an OpenAI-compatible server). See docs/evaluation.md.",
-    )
-    judge_url: str | None = Field(
-        None,
-        description="openai: the server's base URL (e.g. https://api.openai.com/v1); default "
-        "generation.openai_base_url, then $OPENAI_BASE_URL.",
-    )
-    judge_model: str | None = Field(
-        None,
-        description="openai: the served model's name (default generation.openai_model). local: a model id, alias "
-        "or folder to judge with (default model.name, the run's backbone without adapter).",
-    )
-    judge_api_key_env: str | None = Field(
-        None,
-        description="openai: environment variable holding the API key, read at run time and never written "
-        "anywhere; default generation.openai_api_key_env (OPENAI_API_KEY).",
-    )
-    judge_max_new_tokens: int = Field(256, ge=1, description="Token budget of one judge answer.")
-    judge_pairs: list[tuple[str, str]] | None = Field(
-        None, description="(A, B) pairs for the pairwise judge; None = each model vs its predecessor, last vs first."
-    )
-    judge_max_contexts: int | None = Field(None, ge=1, description="Judge only the first N contexts (cost).")
+    judge: JudgeSettings = JudgeSettings()
     bootstrap_samples: int = Field(1000, ge=10, description="Paired bootstrap resamples.")
     bootstrap_unit: Literal["context", "conversation"] = Field(
         "context",
@@ -286,26 +311,42 @@ class EvalConfig(StrictModel):
     )
 
 
-class RunConfig(StrictModel):
-    """Where a run lives and how it is seeded."""
-
-    name: str = "quickstart"
-    output_dir: str = "runs"
-    seed: int = 42
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-
-
 class ExperimentConfig(StrictModel):
     """The whole pipeline: data -> model -> SFT -> evolve x N (DPO) -> eval."""
 
-    run: RunConfig = RunConfig()
-    data: DataConfig = DataConfig()
-    model: ModelConfig = ModelConfig()
-    generation: GenerationConfig = GenerationConfig()
-    sft: SFTConfig = SFTConfig()
-    evolve: EvolveConfig = EvolveConfig()
-    dpo: DPOConfig = DPOConfig()
-    eval: EvalConfig = EvalConfig()
+    run: RunSettings = RunSettings()
+    data: DataSettings = DataSettings()
+    model: ModelSettings = ModelSettings()
+    generation: GenerationSettings = GenerationSettings()
+    sft: SFTSettings = SFTSettings()
+    evolve: EvolveSettings = EvolveSettings()
+    dpo: DPOSettings = DPOSettings()
+    eval: EvalSettings = EvalSettings()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Keys renamed since configs were first written: old files keep working, and the log says what to rename.
+
+RENAMED_KEYS: dict[str, str] = {
+    "sft.max_seq_length": "sft.max_length",
+    **{f"generation.{k}": f"generation.transformers.{k}" for k in TransformersSettings.model_fields},
+    **{f"generation.{k}": f"generation.vllm.{k}" for k in VLLMSettings.model_fields},
+    "generation.openai_base_url": "generation.openai.base_url",
+    "generation.openai_model": "generation.openai.model",
+    "generation.openai_api_key_env": "generation.openai.api_key_env",
+    "generation.request_timeout": "generation.openai.request_timeout",
+    "generation.max_concurrency": "generation.openai.max_concurrency",
+    "eval.judge_backend": "eval.judge.backend",
+    "eval.judge_url": "eval.judge.openai.base_url",
+    "eval.judge_api_key_env": "eval.judge.openai.api_key_env",
+    "eval.judge_max_new_tokens": "eval.judge.max_new_tokens",
+    "eval.judge_pairs": "eval.judge.pairs",
+    "eval.judge_max_contexts": "eval.judge.max_contexts",
+}
+# Keys that are gone: what to do instead.
+REMOVED_KEYS: dict[str, str] = {
+    "data.format": "the format is detected from each file; delete the key",
+}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -321,15 +362,76 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 
 
 def validate_config(raw: dict[str, Any], source: str) -> ExperimentConfig:
+    raw = migrate_keys(raw, source)
     try:
         return ExperimentConfig.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(_explain(exc, source)) from None
 
 
+def migrate_keys(raw: dict[str, Any], source: str) -> dict[str, Any]:
+    """A copy of `raw` with renamed keys moved to their new place (each said once in the log); a removed key is
+    dropped with what to do instead. A key given under both its old and its new name is an error."""
+    raw = copy.deepcopy(raw)
+    for old, new in _renames(raw).items():
+        value = _pop_path(raw, old)
+        if value is _MISSING:
+            continue
+        if _get_path(raw, new) is not _MISSING:
+            raise ConfigError(f"{source}: '{old}' and '{new}' are the same setting: keep only '{new}'")
+        _set_path(raw, new, value)
+        log.warning("%s: '%s' is now '%s'; rename it (the old name still works for now)", source, old, new)
+    for old, advice in REMOVED_KEYS.items():
+        if _pop_path(raw, old) is not _MISSING:
+            log.warning("%s: '%s' is no longer a setting (%s)", source, old, advice)
+    return raw
+
+
+def _renames(raw: dict[str, Any]) -> dict[str, str]:
+    # `eval.judge_model` named the local judge model or the served one, depending on the backend.
+    backend = _get_path(raw, "eval.judge_backend")
+    served = backend == "openai" or _get_path(raw, "eval.judge.backend") == "openai"
+    return {**RENAMED_KEYS, "eval.judge_model": "eval.judge.openai.model" if served else "eval.judge.model"}
+
+
+_MISSING = object()
+
+
+def _get_path(raw: dict[str, Any], dotted: str) -> Any:
+    node: Any = raw
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
+
+
+def _pop_path(raw: dict[str, Any], dotted: str) -> Any:
+    *parents, last = dotted.split(".")
+    node = _get_path(raw, ".".join(parents)) if parents else raw
+    if not isinstance(node, dict) or last not in node:
+        return _MISSING
+    return node.pop(last)
+
+
+def _set_path(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, last = dotted.split(".")
+    node = raw
+    for part in parents:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = node[part] = {}
+        node = child
+    node[last] = value
+
+
 def dump_config(config: ExperimentConfig) -> str:
-    """The resolved config as YAML (every field, defaults included)."""
-    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+    """The resolved config as YAML (every field, defaults included), except `eval.judge.openai`, which keeps
+    only the fields set: the others come from `generation.openai`, and must still do so when the file is read."""
+    data = config.model_dump(mode="json")
+    if config.eval.judge.openai is not None:
+        data["eval"]["judge"]["openai"] = config.eval.judge.openai.model_dump(mode="json", exclude_unset=True)
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
 
 
 def _read_yaml_chain(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:

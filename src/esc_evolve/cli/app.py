@@ -37,13 +37,15 @@ def config_show(
 @user_errors
 def data_stats(
     path: str = typer.Argument(..., help="Data file, builtin:train|valid|all, or hf:REPO[:SPLIT]."),
+    config: Path | None = typer.Option(None, "--config", "-c", help="Take the data settings from here."),
+    overrides: list[str] | None = SetOption,
     skip_invalid: bool = typer.Option(False, "--skip-invalid", help="Skip malformed records, report a count."),
-    context_window: int = typer.Option(10, help="Merged turns of context per sample (for the sample count)."),
 ) -> None:
-    """Counts of conversations, turns, strategies, emotions, problems and lengths."""
+    """Counts of conversations, turns, strategies, emotions, problems and lengths (samples cut with the config's
+    data.context_window)."""
     from esc_evolve.cli.render import print_stats
 
-    print_stats(console, path, skip_invalid=skip_invalid, context_window=context_window)
+    print_stats(console, _load(path, config, overrides, skip_invalid)[0])
 
 
 @data_app.command("preview")
@@ -53,14 +55,22 @@ def data_preview(
     n: int = typer.Option(3, "--n", help="How many samples to show."),
     config: Path | None = typer.Option(None, "--config", "-c", help="Take model and data settings from here."),
     overrides: list[str] | None = SetOption,
-    skip_invalid: bool = typer.Option(False, "--skip-invalid"),
+    skip_invalid: bool = typer.Option(False, "--skip-invalid", help="Skip malformed records."),
 ) -> None:
     """Show turn-level samples exactly as the model sees them (rendered with its chat template)."""
     from esc_evolve.cli.render import print_preview
-    from esc_evolve.config import load_config
 
-    cfg = load_config(config, overrides)
-    print_preview(console, path, n, cfg, skip_invalid=skip_invalid or cfg.data.skip_invalid)
+    split, cfg = _load(path, config, overrides, skip_invalid)
+    print_preview(console, split, n, cfg)
+
+
+def _load(path: str, config: Path | None, overrides: list[str] | None, skip_invalid: bool):
+    """The split at `path` read with the config's data settings (`--skip-invalid` on top), and the config."""
+    from esc_evolve.config import load_config
+    from esc_evolve.data import load_split
+
+    cfg = load_config(config, [*(overrides or []), *(["data.skip_invalid=true"] if skip_invalid else [])])
+    return load_split(path, cfg.data), cfg
 
 
 @app.command("run")

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from esc_evolve.cli.common import SetOption, console, user_errors
+
+if TYPE_CHECKING:
+    from esc_evolve.config import DataSettings
 
 human_app = typer.Typer(help="Blinded A/B human evaluation: export sheets, import filled ones.", no_args_is_help=True)
 
@@ -29,13 +33,11 @@ def _pairs(values: list[str] | None) -> list[tuple[str, str]] | None:
     return pairs
 
 
-def _load_table(responses: Path, data: str | None, context_window: int, models: list[str] | None, human: bool):
-    from esc_evolve.data import build_turn_samples, load_conversations
-    from esc_evolve.evaluation.responses import read_responses, samples_by_id
+def _load_table(responses: Path, data: str | None, settings: DataSettings, models: list[str] | None, human: bool):
+    from esc_evolve.data import load_split
+    from esc_evolve.evaluation.responses import read_responses
 
-    samples = None
-    if data:
-        samples = samples_by_id(build_turn_samples(load_conversations(data).conversations, context_window))
+    samples = load_split(data, settings).by_id() if data else None
     return read_responses(responses, samples=samples, include_human=human, models=models)
 
 
@@ -56,10 +58,10 @@ def eval_responses(
     """
     from esc_evolve.config import load_config
     from esc_evolve.evaluation.report import write_report
-    from esc_evolve.evaluation.stage import score_table
+    from esc_evolve.pipeline.evaluation import score_table
 
     cfg = load_config(config, overrides)
-    table = _load_table(responses, data, cfg.data.context_window, model, human)
+    table = _load_table(responses, data, cfg.data, model, human)
     result = score_table(table, cfg, out)
     provenance = {"responses_file": str(responses), "config": cfg.eval.model_dump(mode="json")}
     paths = write_report(result, table, out, provenance)
@@ -78,24 +80,25 @@ def eval_run(
     ),
     max_contexts: int | None = typer.Option(None, "--max-contexts", min=1, help="Seeded sample of N contexts."),
     overrides: list[str] | None = typer.Option(
-        None, "--set", "-s", help="Override an eval setting, e.g. --set eval.judge_backend=local (repeatable)."
+        None, "--set", "-s", help="Override an eval setting, e.g. --set eval.judge.backend=local (repeatable)."
     ),
     out: Path | None = typer.Option(None, "--out", "-o", help="Report folder; default RUN_DIR (RUN_DIR/report.md)."),
 ) -> None:
     """(Re-)evaluate a run: every model answers the eval contexts (models already answered are reused), then
     metrics, CIs and the report, as the pipeline's eval stage does. Works on a run that only has m0."""
-    from esc_evolve.evaluation.stage import evaluate_run, load_run_config
     from esc_evolve.logging_setup import setup_logging
+    from esc_evolve.pipeline import RunLayout
+    from esc_evolve.pipeline.evaluation import evaluate_run, load_run_config
 
     cfg = load_run_config(run_dir, overrides)
     if split:  # set on the model, not as a --set string: a path is not parsed as YAML
         cfg.eval.split_path = split
     if max_contexts:
         cfg.eval.max_contexts = max_contexts
-    target = out or run_dir
-    setup_logging(cfg.run.log_level, target / "logs" / "eval.log")
+    target = RunLayout(out or run_dir)
+    setup_logging(cfg.run.log_level, target.root / "logs" / "eval.log")
     provenance = {"command": "esc-evolve eval", "overrides": overrides or [], "split": split, "requested_models": model}
-    summary = evaluate_run(run_dir, cfg, models=model or None, out=target, provenance=provenance)
+    summary = evaluate_run(RunLayout(run_dir), cfg, models=model or None, out=target, provenance=provenance)
     console.print(
         f"[green]evaluated[/green] {summary['contexts']} contexts x {', '.join(summary['models'])} -> "
         f"{summary['report']}"
@@ -118,12 +121,13 @@ def human_export(
     seed: int = typer.Option(42, help="Shuffling seed."),
     criterion: list[str] | None = typer.Option(None, "--criterion", help="Rating criteria (repeatable)."),
     data: str | None = typer.Option(None, help="Data split to resolve rows that carry no 'sample'."),
-    context_window: int = typer.Option(10, help="Merged turns of context (with --data)."),
+    config: Path | None = typer.Option(None, "--config", "-c", help="Data settings for --data (context window)."),
 ) -> None:
     """Blinded A/B sheets for human raters (CSV + static HTML form) and the hidden key."""
+    from esc_evolve.config import load_config
     from esc_evolve.evaluation.human import DEFAULT_CRITERIA, export_sheets
 
-    table = _load_table(responses, data, context_window, None, True)
+    table = _load_table(responses, data, load_config(config).data, None, True)
     paths = export_sheets(table, _pairs(pair) or [], out, n, seed, tuple(criterion or DEFAULT_CRITERIA))
     console.print(
         f"[green]exported[/green] {paths['sheet.csv']} and {paths['form.html']}; keep {paths['key.json']} "
@@ -140,7 +144,7 @@ def human_import(
 ) -> None:
     """Unblind filled sheets: win rates per pair and criterion, inter-rater agreement (Cohen / Fleiss kappa)."""
     from esc_evolve.evaluation.human import import_ratings, render_human_report
-    from esc_evolve.rundir import write_atomic, write_json_atomic
+    from esc_evolve.storage import write_atomic, write_json_atomic
 
     result = import_ratings(key, sheets)
     write_json_atomic(out / "human_eval.json", result)

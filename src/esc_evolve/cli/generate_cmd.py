@@ -12,7 +12,7 @@ from rich.panel import Panel
 from esc_evolve.cli.common import SetOption, console, user_errors
 
 if TYPE_CHECKING:
-    from esc_evolve.config import ModelConfig
+    from esc_evolve.config import ModelSettings
     from esc_evolve.data import TurnSample
 
 
@@ -38,14 +38,13 @@ def generate(
 ) -> None:
     """Generate replies for the first N contexts of DATA, shown with the human reference reply."""
     from esc_evolve.config import load_config
-    from esc_evolve.data import build_turn_samples, load_conversations
+    from esc_evolve.data import load_split
     from esc_evolve.data.prompts import build_messages
     from esc_evolve.generation import GenerationRequest, build_generator
 
-    cfg = load_config(config, overrides)
+    cfg = load_config(config, [*(overrides or []), *(["data.skip_invalid=true"] if skip_invalid else [])])
     model_config, adapter = _model_and_adapter(cfg.model, model)
-    loaded = load_conversations(data, skip_invalid=skip_invalid or cfg.data.skip_invalid)
-    samples = _spread(build_turn_samples(loaded.conversations, cfg.data.context_window), n)
+    samples = _spread(load_split(data, cfg.data).samples, n)
     requests = [
         GenerationRequest(messages=build_messages(s.context, cfg.data.system_prompt), id=s.sample_id) for s in samples
     ]
@@ -59,7 +58,7 @@ def generate(
         console.print(Panel(escape(sample.response), subtitle="human reference", border_style="blue"))
 
 
-def _model_and_adapter(base: ModelConfig, model: str | None) -> tuple[ModelConfig, Path | None]:
+def _model_and_adapter(base: ModelSettings, model: str | None) -> tuple[ModelSettings, Path | None]:
     """(model config, adapter folder or None) for `--model`."""
     if model is None:
         return base, None

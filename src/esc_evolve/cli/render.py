@@ -10,7 +10,7 @@ from rich.panel import Panel
 from rich.table import Table
 
 from esc_evolve.config import ExperimentConfig
-from esc_evolve.data import build_turn_samples, load_conversations
+from esc_evolve.data import Split
 from esc_evolve.data.labels import STRATEGIES
 from esc_evolve.data.prompts import build_messages, render_prompt
 from esc_evolve.data.stats import corpus_stats
@@ -18,12 +18,9 @@ from esc_evolve.data.stats import corpus_stats
 log = logging.getLogger(__name__)
 
 
-def print_stats(console: Console, path: str, *, skip_invalid: bool, context_window: int) -> None:
-    loaded = load_conversations(path, skip_invalid=skip_invalid)
-    stats = corpus_stats(loaded.conversations)
-    samples = build_turn_samples(loaded.conversations, context_window)
-
-    overview = Table(title=f"{path}  ({loaded.format})", show_header=False)
+def print_stats(console: Console, split: Split) -> None:
+    stats = corpus_stats(split.conversations)
+    overview = Table(title=f"{split.source}  ({split.format})", show_header=False)
     overview.add_column("what")
     overview.add_column("count", justify="right")
     for name, value in [
@@ -32,8 +29,8 @@ def print_stats(console: Console, path: str, *, skip_invalid: bool, context_wind
         ("seeker utterances", stats.seeker_utterances),
         ("supporter utterances", stats.supporter_utterances),
         ("  with a strategy label", stats.supporter_utterances - stats.unlabelled_supporter_utterances),
-        ("turn-level samples", len(samples)),
-        ("skipped invalid records", len(loaded.skipped)),
+        ("turn-level samples", len(split.samples)),
+        ("skipped invalid records", len(split.skipped)),
         ("utterances per conversation (mean)", f"{stats.mean_utterances_per_conversation:.1f}"),
         ("words per seeker utterance (mean)", f"{stats.mean_words_seeker:.1f}"),
         ("words per supporter utterance (mean)", f"{stats.mean_words_supporter:.1f}"),
@@ -59,13 +56,11 @@ def _counter_table(name: str, counts: Counter[str], total: int) -> Table:
     return table
 
 
-def print_preview(console: Console, path: str, n: int, config: ExperimentConfig, *, skip_invalid: bool) -> None:
+def print_preview(console: Console, split: Split, n: int, config: ExperimentConfig) -> None:
     from esc_evolve.models import load_tokenizer
 
-    loaded = load_conversations(path, skip_invalid=skip_invalid)
-    samples = build_turn_samples(loaded.conversations, config.data.context_window)[:n]
     tokenizer = load_tokenizer(config.model)
-    for sample in samples:
+    for sample in split.samples[:n]:
         prompt = render_prompt(tokenizer, build_messages(sample.context, config.data.system_prompt))
         profile = sample.profile
         meta = (

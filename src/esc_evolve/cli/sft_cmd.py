@@ -29,24 +29,25 @@ def sft(
 
     from esc_evolve.config import load_config
     from esc_evolve.logging_setup import setup_logging
-    from esc_evolve.rundir import RunDir
+    from esc_evolve.pipeline import RunDir
+    from esc_evolve.pipeline.stages import sft as sft_stage
     from esc_evolve.training.settings import process_state
-    from esc_evolve.training.sft import STAGE, sft_stage
 
     cfg = load_config(config, overrides)
-    state = process_state(cfg)
+    state = process_state(cfg.model)
     # The main process creates (or checks) the run directory; the others reopen the one it made.
     with state.main_process_first():
         run = RunDir.create(cfg, resume=resume or not state.is_main_process)
     setup_logging(cfg.run.log_level if state.is_main_process else "WARNING", run.log_file)
     set_seed(cfg.run.seed)
-    if run.stage_done(STAGE):
-        console.print(f"[green]already done[/green]: {run.path / 'm0'} (stage '{STAGE}' in stages.json)")
+    m0 = run.layout.model_dir(0)
+    if run.stage_done("sft"):
+        console.print(f"[green]already done[/green]: {m0} (stage 'sft' in stages.json)")
         return
     summary = sft_stage(run)
     if state.is_main_process:
-        run.mark_done(STAGE, summary)
+        run.mark_done("sft", summary)
         console.print(
-            f"[green]done[/green]: {run.path / 'm0'}  eval loss {summary['eval_loss']} "
+            f"[green]done[/green]: {m0}  eval loss {summary['eval_loss']} "
             f"(untrained backbone {summary['base_eval_loss']}), {summary['tokens_per_second']} tokens/s"
         )

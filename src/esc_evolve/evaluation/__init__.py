@@ -1,13 +1,16 @@
-"""Evaluation of generated emotional-support responses (issue 6): metrics, statistics, reports, human eval.
+"""Evaluation of generated emotional-support responses: metrics, statistics, reports, human eval.
 
 Typical use (the generation engine writes responses.jsonl; see docs/evaluation.md):
 
     table = read_responses("responses.jsonl")
-    result = evaluate(table, EvaluationSettings(), judge=my_judge)   # judge: messages -> str, optional
+    result = evaluate(table, EvaluationSettings(), judge=my_judge)   # a Judge, or messages -> str; optional
     write_report(result, table, Path("out"))
+
+The judge a config names: `build_judge(config.eval.judge, config.model, config.generation, seed=config.run.seed)`.
 """
 
 from esc_evolve.evaluation.evaluate import Difference, EvalResult, WinRate, evaluate
+from esc_evolve.evaluation.judge import CallableJudge, Judge, build_judge, register_judge
 from esc_evolve.evaluation.registry import (
     MetricOutput,
     ModelScores,
@@ -17,7 +20,7 @@ from esc_evolve.evaluation.registry import (
     register_metric,
 )
 from esc_evolve.evaluation.report import write_report
-from esc_evolve.evaluation.resources import EvalContext, Judge
+from esc_evolve.evaluation.resources import EvalContext
 from esc_evolve.evaluation.responses import (
     HUMAN,
     Reflection,
@@ -31,6 +34,7 @@ from esc_evolve.evaluation.settings import EvaluationSettings
 
 __all__ = [
     "HUMAN",
+    "CallableJudge",
     "Difference",
     "EvalContext",
     "EvalResult",
@@ -44,10 +48,12 @@ __all__ = [
     "SubMetric",
     "WinRate",
     "available_metrics",
+    "build_judge",
     "build_table",
     "evaluate",
     "get_metric",
     "read_responses",
+    "register_judge",
     "register_metric",
     "write_report",
     "write_responses",

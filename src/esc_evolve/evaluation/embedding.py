@@ -18,6 +18,7 @@ from typing import Protocol
 import numpy as np
 
 from esc_evolve.errors import EscEvolveError
+from esc_evolve.storage import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -102,10 +103,8 @@ class CachedEmbedder:
         if file.is_file():
             return np.load(file)
         vectors = self.inner.encode(texts)
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = file.with_suffix(f".{os.getpid()}.tmp.npy")
-        np.save(tmp, vectors)
-        os.replace(tmp, file)  # atomic: a concurrent reader never sees half an array
+        with atomic_path(file) as tmp:  # a concurrent reader never sees half an array
+            np.save(tmp, vectors)
         return vectors
 
 

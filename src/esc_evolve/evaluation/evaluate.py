@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,8 +12,9 @@ import numpy as np
 
 from esc_evolve.errors import EscEvolveError
 from esc_evolve.evaluation.embedding import Embedder
+from esc_evolve.evaluation.judge import CallableJudge, Judge
 from esc_evolve.evaluation.registry import MetricOutput, ModelScores, SubMetric, get_metric
-from esc_evolve.evaluation.resources import EvalContext, Judge
+from esc_evolve.evaluation.resources import EvalContext
 from esc_evolve.evaluation.responses import HUMAN, ResponsesTable
 from esc_evolve.evaluation.settings import EvaluationSettings
 from esc_evolve.evaluation.stats import Interval, mean_fn, percentile_interval, replicates, resample_indices
@@ -84,11 +86,14 @@ def evaluate(
     *,
     embedder: Embedder | None = None,
     classifier: StrategyClassifier | None = None,
-    judge: Judge | None = None,
+    judge: Judge | Callable[[list[dict[str, str]]], str] | None = None,
     out_dir: Path | None = None,
 ) -> EvalResult:
-    """Every metric of `settings.metrics`, with percentile CIs for each model and each model pair."""
+    """Every metric of `settings.metrics`, with percentile CIs for each model and each model pair.
+
+    `judge`: a `Judge`, or a plain function `messages -> str` (asked once per prompt)."""
     settings = settings or EvaluationSettings()
+    judge = judge if judge is None or isinstance(judge, Judge) else CallableJudge(judge)
     ctx = EvalContext(table, settings, embedder, classifier, judge, out_dir)
     outputs = _run_metrics(ctx)
     groups = table.conversation_groups() if settings.bootstrap_unit == "conversation" else None

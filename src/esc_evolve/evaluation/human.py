@@ -24,9 +24,9 @@ from typing import Any
 import numpy as np
 
 from esc_evolve.errors import DataFormatError
-from esc_evolve.evaluation.judge import render_context
+from esc_evolve.evaluation.judge.prompts import render_context
 from esc_evolve.evaluation.responses import ResponsesTable
-from esc_evolve.rundir import write_atomic, write_json_atomic
+from esc_evolve.storage import write_atomic, write_json_atomic
 
 DEFAULT_CRITERIA = ("empathy", "personalisation", "helpfulness", "overall")
 CHOICES = {"1": "1", "2": "2", "tie": "tie", "a": "1", "b": "2", "t": "tie", "=": "tie"}

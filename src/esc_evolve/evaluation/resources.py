@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from esc_evolve.evaluation.embedding import Embedder, default_cache_dir, load_default_embedder
-from esc_evolve.evaluation.judge import Judge
+from esc_evolve.evaluation.judge.base import Judge
 from esc_evolve.evaluation.responses import ResponsesTable
 from esc_evolve.evaluation.settings import EvaluationSettings
 
@@ -51,6 +51,7 @@ class EvalContext:
             self.embedder,
             self.cache_dir,
             valid_path=self.settings.strategy_valid_path,
+            data=self.settings.data,
         )
 
     embedding_memo: dict[str, np.ndarray] = field(default_factory=dict, repr=False)

@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from esc_evolve.data import TurnSample
 from esc_evolve.errors import DataFormatError
-from esc_evolve.rundir import write_atomic
+from esc_evolve.storage import write_atomic
 
 log = logging.getLogger(__name__)
 

@@ -18,10 +18,11 @@ from typing import Any
 
 import numpy as np
 
-from esc_evolve.data import load_conversations
+from esc_evolve.config import DataSettings
+from esc_evolve.data import load_split
 from esc_evolve.data.labels import STRATEGIES
 from esc_evolve.evaluation.embedding import Embedder, texts_digest
-from esc_evolve.rundir import write_json_atomic
+from esc_evolve.storage import atomic_path, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +56,8 @@ class StrategyClassifier:
         return self.predict_vectors(embedder.encode(texts)) if texts else []
 
     def save(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, coef=self.coef, intercept=self.intercept, labels=np.array(self.labels))
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            np.savez(tmp, coef=self.coef, intercept=self.intercept, labels=np.array(self.labels))
         write_json_atomic(path.with_suffix(".json"), {"embedder": self.embedder_key, **self.report})
 
     @classmethod
@@ -71,9 +70,10 @@ class StrategyClassifier:
         return cls(labels, coef, intercept, embedder_key, path.stem, report)
 
 
-def labelled_utterances(source: str) -> tuple[list[str], list[str]]:
-    """Every supporter utterance with a strategy label (single utterances, not merged blocks)."""
-    conversations = load_conversations(source).conversations
+def labelled_utterances(source: str, data: DataSettings | None = None) -> tuple[list[str], list[str]]:
+    """Every supporter utterance with a strategy label (single utterances, not merged blocks), read with the
+    run's data settings (`skip_invalid`)."""
+    conversations = load_split(source, data or DataSettings()).conversations
     pairs = [(t.text, t.strategy) for c in conversations for t in c.turns if t.speaker == "supporter" and t.strategy]
     return [p[0] for p in pairs], [p[1] for p in pairs]
 
@@ -104,11 +104,15 @@ def classification_scores(gold: list[str], predicted: list[str]) -> dict[str, An
 
 
 def load_or_train_classifier(
-    train_path: str | None, embedder: Embedder, cache_dir: Path, valid_path: str | None = None
+    train_path: str | None,
+    embedder: Embedder,
+    cache_dir: Path,
+    valid_path: str | None = None,
+    data: DataSettings | None = None,
 ) -> StrategyClassifier:
     """The cached classifier for this training data, trained (minutes on a CPU) only on the first call."""
     source = train_path or "builtin:train"
-    texts, labels = labelled_utterances(source)
+    texts, labels = labelled_utterances(source, data)
     digest = texts_digest([CLASSIFIER_VERSION, embedder.key, json.dumps(CLASSIFIER_PARAMS), *texts, *labels])
     path = Path(cache_dir) / "strategy_classifier" / f"{digest}.npz"
     changed = not path.is_file()
@@ -120,7 +124,7 @@ def load_or_train_classifier(
     else:
         classifier = StrategyClassifier.load(path, embedder.key)
     if valid_path and classifier.report.get("valid_source") != valid_path:
-        valid_texts, valid_labels = labelled_utterances(valid_path)
+        valid_texts, valid_labels = labelled_utterances(valid_path, data)
         scores = classification_scores(valid_labels, classifier.predict(valid_texts, embedder))
         classifier.report.update(valid_source=valid_path, valid=scores)
         changed = True

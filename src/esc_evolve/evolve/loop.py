@@ -5,6 +5,9 @@ principles, and writes y' (the chosen side) as its next turn with the reflection
 sample is appended to `iterN/pairs.jsonl` as soon as its chunk finishes, so a killed run resumes without
 redoing or losing a finished sample. The DPO prompt is C alone (system prompt + dialogue): the evolved model
 must answer personally without the explicit reflection.
+
+`generate_pairs(settings, contexts, generator, pairs_file, ...)` needs no run directory: the caller chooses the
+contexts (`select_contexts`) and where the pairs go.
 """
 
 from __future__ import annotations
@@ -13,13 +16,15 @@ import logging
 import random
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from esc_evolve.config import ExperimentConfig
-from esc_evolve.data import TurnSample, build_turn_samples, load_conversations
+from esc_evolve.config import EvolveSettings
+from esc_evolve.data import TurnSample
 from esc_evolve.data.prompts import build_messages, render_prompt
 from esc_evolve.data.schema import Turn
+from esc_evolve.errors import ConfigError
 from esc_evolve.evolve.filters import decide_pair
 from esc_evolve.evolve.pairs import PairRecord, PairStore
 from esc_evolve.evolve.principles import Principles, ReflectionField, load_principles
@@ -30,95 +35,103 @@ from esc_evolve.generation.types import GenerationRequest, GenerationResult, Gen
 log = logging.getLogger(__name__)
 
 
-def select_contexts(config: ExperimentConfig, iteration: int) -> list[TurnSample]:
-    """The contexts of iteration `iteration` (1-based): a seeded shuffle of the training samples, a fresh slice
-    per iteration when `evolve.new_contexts_each_iteration` (wrapping around when the data runs out)."""
-    conversations = load_conversations(
-        config.data.train_path, skip_invalid=config.data.skip_invalid, limit=config.data.max_conversations
-    ).conversations
-    samples = build_turn_samples(conversations, config.data.context_window)
-    random.Random(config.run.seed).shuffle(samples)
-    k = min(config.evolve.contexts_per_iteration, len(samples))
-    start = (iteration - 1) * k if config.evolve.new_contexts_each_iteration else 0
-    return [samples[(start + i) % len(samples)] for i in range(k)]
+def select_contexts(
+    samples: Sequence[TurnSample], settings: EvolveSettings, seed: int, iteration: int
+) -> list[TurnSample]:
+    """The contexts of iteration `iteration` (1-based) among the training `samples`: a seeded shuffle, a fresh
+    slice per iteration when `new_contexts_each_iteration` (wrapping around when the data runs out)."""
+    shuffled = list(samples)
+    random.Random(seed).shuffle(shuffled)
+    k = min(settings.contexts_per_iteration, len(shuffled))
+    start = (iteration - 1) * k if settings.new_contexts_each_iteration else 0
+    return [shuffled[(start + i) % len(shuffled)] for i in range(k)]
+
+
+@dataclass(frozen=True)
+class PairJob:
+    """What one iteration's pair generation needs besides the generator: the settings and the prompts' frame."""
+
+    settings: EvolveSettings
+    iteration: int
+    seed: int
+    system_prompt: str | None
+    principles: Principles
+    tokenizer: Any
 
 
 def generate_pairs(
-    config: ExperimentConfig,
-    iteration: int,
+    settings: EvolveSettings,
+    contexts: Sequence[TurnSample],
     generator: Generator,
-    tokenizer: Any,
-    store: PairStore,
+    pairs_file: Path,
+    *,
+    iteration: int,
+    seed: int,
+    system_prompt: str | None,
     principles: Principles | None = None,
+    tokenizer: Any = None,
     chunk_size: int | None = None,
 ) -> dict[str, Any]:
-    """Fill `store` with one record per selected context (skipping those already there); return counts."""
-    principles = principles or load_principles(config.evolve.principles_path)
-    contexts = select_contexts(config, iteration)
+    """Append one record per context to `pairs_file` (skipping contexts already there); return counts.
+
+    Reflection prompts are rendered with `tokenizer`, by default the generator's own (so prompt and model agree).
+    `chunk_size` contexts are processed per batch (default: the generator's batch size, else 16)."""
+    tokenizer = tokenizer if tokenizer is not None else generator.tokenizer
+    if tokenizer is None:
+        raise ConfigError("reflection prompts need the model's tokenizer: this generator has none, pass tokenizer=")
+    principles = principles or load_principles(settings.principles_path)
+    job = PairJob(settings, iteration, seed, system_prompt, principles, tokenizer)
+    store = PairStore(pairs_file)
     done = store.done_ids()
     todo = [s for s in contexts if s.sample_id not in done]
     log.info("iteration %d: %d contexts, %d already done", iteration, len(contexts), len(contexts) - len(todo))
-    chunk_size = chunk_size or config.generation.batch_size
+    chunk_size = chunk_size or getattr(getattr(generator, "config", None), "batch_size", 16)
     for start in range(0, len(todo), chunk_size):
         chunk = todo[start : start + chunk_size]
-        store.append(_process_chunk(config, iteration, generator, tokenizer, principles, chunk))
+        store.append(_process_chunk(job, generator, chunk))
         log.info("iteration %d: %d/%d contexts done", iteration, len(done) + start + len(chunk), len(contexts))
     return summarise(store, iteration)
 
 
-def _process_chunk(
-    config: ExperimentConfig,
-    iteration: int,
-    generator: Generator,
-    tokenizer: Any,
-    principles: Principles,
-    chunk: Sequence[TurnSample],
-) -> list[PairRecord]:
-    system = config.data.system_prompt
-    prompts = [build_messages(s.context, system) for s in chunk]
+def _process_chunk(job: PairJob, generator: Generator, chunk: Sequence[TurnSample]) -> list[PairRecord]:
+    settings, principles = job.settings, job.principles
+    prompts = [build_messages(s.context, job.system_prompt) for s in chunk]
     drafts = generator.generate(
         [GenerationRequest(messages=p, id=s.sample_id) for p, s in zip(prompts, chunk, strict=True)]
     )
-    reflections = _reflect(generator, tokenizer, principles, chunk, [d.text for d in drafts], config)
+    reflections = _reflect(generator, job, chunk, [d.text for d in drafts])
     refine_systems = [
-        refinement_system(system, principles, r, d.text) for r, d in zip(reflections, drafts, strict=True)
+        refinement_system(job.system_prompt, principles, r, d.text) for r, d in zip(reflections, drafts, strict=True)
     ]
     refined = generator.generate(
         [
             GenerationRequest(
                 messages=build_messages(s.context, rs),
-                temperature=config.evolve.refine_temperature,
-                top_p=config.evolve.refine_top_p,
-                seed=config.run.seed + iteration,
+                temperature=settings.refine_temperature,
+                top_p=settings.refine_top_p,
+                seed=job.seed + job.iteration,
                 id=s.sample_id,
             )
             for s, rs in zip(chunk, refine_systems, strict=True)
         ]
     )
     return [
-        _record(config, iteration, principles, *item)
-        for item in zip(chunk, prompts, drafts, reflections, refine_systems, refined, strict=True)
+        _record(job, *item) for item in zip(chunk, prompts, drafts, reflections, refine_systems, refined, strict=True)
     ]
 
 
-def _reflect(
-    generator: Generator,
-    tokenizer: Any,
-    principles: Principles,
-    chunk: Sequence[TurnSample],
-    drafts: list[str],
-    config: ExperimentConfig,
-) -> list[Reflection]:
+def _reflect(generator: Generator, job: PairJob, chunk: Sequence[TurnSample], drafts: list[str]) -> list[Reflection]:
     """All fields of all contexts in one batched call; each answer starts after the field's fixed prefix."""
     requests = []
+    fields = job.principles.reflection_fields
     max_context = getattr(generator, "max_context", None)
     for sample, draft in zip(chunk, drafts, strict=True):
-        for field in principles.reflection_fields:
-            max_new = min(field.max_new_tokens, config.evolve.reflection_max_new_tokens)
+        for field in fields:
+            max_new = min(field.max_new_tokens, job.settings.reflection_max_new_tokens)
             budget = max_context - max_new if max_context else None
             requests.append(
                 GenerationRequest(
-                    prompt=reflection_prompt(tokenizer, field, sample.context, principles, draft, budget),
+                    prompt=reflection_prompt(job.tokenizer, field, sample.context, job.principles, draft, budget),
                     max_new_tokens=max_new,
                     temperature=0.0,
                     stop=("\n",),
@@ -128,8 +141,8 @@ def _reflect(
     results = iter(generator.generate(requests))
     reflections = []
     for _ in chunk:
-        raw = {field.name: next(results).text for field in principles.reflection_fields}
-        reflections.append(build_reflection(principles, raw))
+        raw = {field.name: next(results).text for field in fields}
+        reflections.append(build_reflection(job.principles, raw))
     return reflections
 
 
@@ -153,9 +166,7 @@ def reflection_prompt(
 
 
 def _record(
-    config: ExperimentConfig,
-    iteration: int,
-    principles: Principles,
+    job: PairJob,
     sample: TurnSample,
     prompt: list[dict[str, str]],
     draft: GenerationResult,
@@ -169,13 +180,13 @@ def _record(
         reflection_parsed=reflection.parsed,
         chosen_finish=refined.finish_reason,
         rejected_finish=draft.finish_reason,
-        filters=config.evolve.filters,
+        filters=job.settings.filters,
         seeker_text="\n".join(turn.text for turn in sample.context if turn.speaker == "seeker"),
     )
     return PairRecord(
         sample_id=sample.sample_id,
-        iteration=iteration,
-        principles_version=principles.version,
+        iteration=job.iteration,
+        principles_version=job.principles.version,
         prompt=prompt,
         rejected=draft.text.strip(),
         rejected_finish=draft.finish_reason,
@@ -216,8 +227,3 @@ def summarise(store: PairStore, iteration: int) -> dict[str, Any]:
 
 def _rate(part: int, total: int) -> float:
     return round(part / total, 4) if total else 0.0
-
-
-def pairs_paths(run_path: Path, iteration: int) -> tuple[Path, Path]:
-    folder = run_path / f"iter{iteration}"
-    return folder / "pairs.jsonl", folder / "preference.jsonl"

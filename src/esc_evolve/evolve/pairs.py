@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from esc_evolve.rundir import write_atomic
+from esc_evolve.storage import write_atomic
 
 
 class PairRecord(BaseModel):

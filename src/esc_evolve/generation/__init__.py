@@ -4,10 +4,11 @@
 - `vllm` (extra `gpu`): vLLM's engine with LoRA adapters and tensor parallelism.
 - `openai`: any OpenAI-compatible HTTP server (LLM judges, remote models).
 
-`build_generator(model_config, generation_config, adapter)` picks one from the config.
+`build_generator(model, generation, adapter)` builds the backend `generation.backend` names, from a registry
+(`register_backend`) that projects can extend.
 """
 
-from esc_evolve.generation.factory import build_generator, load_for_generation
+from esc_evolve.generation.factory import BACKENDS, build_generator, load_for_generation, register_backend
 from esc_evolve.generation.types import (
     FinishReason,
     GenerationError,
@@ -17,6 +18,7 @@ from esc_evolve.generation.types import (
 )
 
 __all__ = [
+    "BACKENDS",
     "FinishReason",
     "GenerationError",
     "GenerationRequest",
@@ -24,4 +26,5 @@ __all__ = [
     "Generator",
     "build_generator",
     "load_for_generation",
+    "register_backend",
 ]

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from esc_evolve.config import GenerationConfig
+from esc_evolve.config import GenerationSettings
 from esc_evolve.data.prompts import render_prompt
 from esc_evolve.generation.batching import Prepared, common_prefix, layout, plan_batches
 from esc_evolve.generation.decoding import RowStopper, SeededSampler
@@ -47,7 +47,7 @@ class TransformersGenerator(Generator):
         self,
         model: Any,
         tokenizer: Any,
-        config: GenerationConfig | None = None,
+        config: GenerationSettings | None = None,
         *,
         seed: int = 0,
         max_context: int | None = None,
@@ -59,7 +59,7 @@ class TransformersGenerator(Generator):
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
-        self.config = config or GenerationConfig()
+        self.config = config or GenerationSettings()
         self.seed = seed
         self.max_context = max_context or _context_length(model, tokenizer)
         self.truncate_context = truncate_context

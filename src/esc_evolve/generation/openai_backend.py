@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from esc_evolve.config import GenerationConfig, ModelConfig
+from esc_evolve.config import GenerationSettings, ModelSettings
 from esc_evolve.generation.progress import GenerationProgress
 from esc_evolve.generation.types import (
     FinishReason,
@@ -40,7 +40,7 @@ class OpenAIGenerator(Generator):
         self,
         base_url: str,
         model: str,
-        config: GenerationConfig | None = None,
+        config: GenerationSettings | None = None,
         *,
         api_key_env: str = "OPENAI_API_KEY",
         timeout: float = 120.0,
@@ -49,27 +49,28 @@ class OpenAIGenerator(Generator):
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.model = model
-        self.config = config or GenerationConfig()
+        self.config = config or GenerationSettings()
         self.api_key = os.environ.get(api_key_env) or None
         self.timeout = timeout
         self.max_concurrency = max(1, max_concurrency)
         self.retries = retries
 
     @classmethod
-    def from_config(cls, model_config: ModelConfig, config: GenerationConfig) -> OpenAIGenerator:
-        base_url = config.openai_base_url or os.environ.get("OPENAI_BASE_URL")
+    def from_config(cls, model_config: ModelSettings, config: GenerationSettings) -> OpenAIGenerator:
+        server = config.openai
+        base_url = server.base_url or os.environ.get("OPENAI_BASE_URL")
         if not base_url:
             raise GenerationError(
-                "the openai backend needs a server: set generation.openai_base_url or $OPENAI_BASE_URL "
+                "the openai backend needs a server: set generation.openai.base_url or $OPENAI_BASE_URL "
                 "(e.g. http://127.0.0.1:8000/v1)"
             )
         return cls(
             base_url,
-            config.openai_model or model_config.name,
+            server.model or model_config.name,
             config,
-            api_key_env=config.openai_api_key_env,
-            timeout=config.request_timeout,
-            max_concurrency=config.max_concurrency,
+            api_key_env=server.api_key_env,
+            timeout=server.request_timeout,
+            max_concurrency=server.max_concurrency,
         )
 
     def generate(self, requests: Sequence[GenerationRequest], progress: bool = True) -> list[GenerationResult]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from esc_evolve.errors import EscEvolveError
 
@@ -20,7 +20,7 @@ class GenerationError(EscEvolveError):
 class GenerationRequest:
     """One prompt to complete: chat `messages` (rendered with the model's chat template) or a rendered `prompt`.
 
-    Fields left `None` take the generator's defaults (from `GenerationConfig`). `temperature=0` is greedy.
+    Fields left `None` take the generator's defaults (from `GenerationSettings`). `temperature=0` is greedy.
     `seed` fixes a sampled output: the same request with the same seed gives the same text, whichever other
     requests share its batch (transformers backend, same device and dtype).
     """
@@ -60,7 +60,13 @@ class GenerationResult:
 
 
 class Generator(ABC):
-    """A backend. `generate` returns one result per request, in the order of the requests."""
+    """A backend. `generate` returns one result per request, in the order of the requests.
+
+    `tokenizer` is the tokenizer this backend renders chat prompts with; a caller that renders a prompt itself
+    (a `prompt` request) must use it, so that prompt and model agree. None for remote models.
+    """
+
+    tokenizer: Any = None
 
     @abstractmethod
     def generate(self, requests: Sequence[GenerationRequest], progress: bool = True) -> list[GenerationResult]:

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from esc_evolve.config import GenerationConfig, ModelConfig
+from esc_evolve.config import GenerationSettings, ModelSettings
 from esc_evolve.generation.progress import GenerationProgress
 from esc_evolve.generation.types import (
     FinishReason,
@@ -39,8 +39,8 @@ class VLLMGenerator(Generator):
 
     def __init__(
         self,
-        model_config: ModelConfig,
-        config: GenerationConfig | None = None,
+        model_config: ModelSettings,
+        config: GenerationSettings | None = None,
         adapter: str | Path | None = None,
         *,
         seed: int = 0,
@@ -48,7 +48,7 @@ class VLLMGenerator(Generator):
         from esc_evolve.models import resolve_backbone
 
         vllm = import_vllm()
-        self.config = config or GenerationConfig()
+        self.config = config or GenerationSettings()
         self.seed = seed
         self.adapter = Path(adapter) if adapter is not None else None
         engine_args: dict[str, Any] = {
@@ -56,13 +56,14 @@ class VLLMGenerator(Generator):
             "revision": model_config.revision,
             "dtype": "auto" if model_config.dtype == "auto" else model_config.dtype,
             "trust_remote_code": model_config.trust_remote_code,
-            "tensor_parallel_size": self.config.tensor_parallel_size,
-            "gpu_memory_utilization": self.config.gpu_memory_utilization,
+            "tensor_parallel_size": self.config.vllm.tensor_parallel_size,
+            "gpu_memory_utilization": self.config.vllm.gpu_memory_utilization,
             "seed": seed,
         }
         if self.adapter is not None:
             engine_args.update(enable_lora=True, max_lora_rank=_lora_rank(self.adapter))
         self.llm = vllm.LLM(**engine_args)
+        self.tokenizer = self.llm.get_tokenizer()
         self._lora = None
         if self.adapter is not None:
             from vllm.lora.request import LoRARequest

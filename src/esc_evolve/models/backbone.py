@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from esc_evolve.errors import BackboneError
+from esc_evolve.storage import publish_folder
 
 log = logging.getLogger(__name__)
 
@@ -88,21 +89,11 @@ def convert_gguf(gguf_path: Path, cache_dir: Path) -> Path:
     try:
         _write_dequantised(gguf_path, staging)
         (staging / COMPLETE_MARKER).write_text(str(gguf_path), encoding="utf-8")
-        _publish(staging, target)
+        if not (target / COMPLETE_MARKER).is_file():  # else another process won the race: keep theirs
+            publish_folder(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
-
-
-def _publish(staging: Path, target: Path) -> None:
-    """Rename the finished folder into place. Another process may have won the race: then keep theirs."""
-    if target.exists() and not (target / COMPLETE_MARKER).is_file():
-        shutil.rmtree(target, ignore_errors=True)  # left by a conversion from before the marker existed
-    try:
-        os.replace(staging, target)
-    except OSError:
-        if not (target / COMPLETE_MARKER).is_file():
-            raise
 
 
 def _write_dequantised(gguf_path: Path, out_dir: Path) -> None:

@@ -55,6 +55,11 @@ def apply_chain(model: Any, chain: list[Path], merge_last: bool = False) -> Any:
     return model
 
 
+def base_of(adapter_dir: Path) -> str:
+    """The base model peft recorded in a plain adapter folder (for folders without a lineage file)."""
+    return json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
+
+
 def _read(folder: Path) -> dict[str, Any]:
     file = folder / LINEAGE_FILE
     return json.loads(file.read_text()) if file.is_file() else {}

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from esc_evolve.config import ModelConfig
+from esc_evolve.config import ModelSettings
 from esc_evolve.errors import BackboneError
 from esc_evolve.models.backbone import resolve_backbone
 from esc_evolve.models.lineage import adapter_chain, apply_chain
@@ -37,14 +37,20 @@ def select_dtype(requested: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def load_tokenizer(config: ModelConfig) -> Any:
+def load_tokenizer(config: ModelSettings, adapter: str | Path | None = None) -> Any:
+    """The tokenizer of a model: the one saved with its adapter when there is one (training may change the chat
+    template), else the backbone's. Every prompt of a model is rendered with what this returns."""
     from transformers import AutoTokenizer
 
-    source = resolve_backbone(config.name, config.cache_dir)
+    folder = Path(adapter) if adapter is not None else None
+    if folder is not None and (folder / "tokenizer_config.json").is_file():
+        source, revision = str(folder), None
+    else:
+        if folder is not None:
+            config = _config_of_adapter(config, folder)
+        source, revision = resolve_backbone(config.name, config.cache_dir), config.revision
     try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            source, revision=config.revision, trust_remote_code=config.trust_remote_code
-        )
+        tokenizer = AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=config.trust_remote_code)
     except OSError as exc:
         raise BackboneError(f"cannot load the tokenizer of {config.name!r} ({source}): {exc}") from None
     if tokenizer.pad_token is None:
@@ -52,7 +58,7 @@ def load_tokenizer(config: ModelConfig) -> Any:
     return tokenizer
 
 
-def load_model(config: ModelConfig, adapter: str | Path | None = None, merge: bool = False) -> tuple[Any, Any]:
+def load_model(config: ModelSettings, adapter: str | Path | None = None, merge: bool = False) -> tuple[Any, Any]:
     """Return (model, tokenizer) in eval mode on the selected device.
 
     `adapter` is a LoRA folder; if it was written by esc-evolve (M1, M2, ...), its parent adapters are merged in
@@ -63,14 +69,12 @@ def load_model(config: ModelConfig, adapter: str | Path | None = None, merge: bo
 
     chain: list[Path] = []
     if adapter is not None:
-        base, chain = adapter_chain(adapter)
-        if base and base != config.name:
-            log.info("adapter %s was trained on %s; loading that base instead of %s", adapter, base, config.name)
-            config = config.model_copy(update={"name": base})
+        config = _config_of_adapter(config, Path(adapter))
+        chain = adapter_chain(adapter)[1]
     device = select_device(config.device)
     dtype = select_dtype(config.dtype, device)
     source = resolve_backbone(config.name, config.cache_dir)
-    tokenizer = load_tokenizer(config)
+    tokenizer = load_tokenizer(config, adapter)
     extra = {"attn_implementation": config.attn_implementation} if config.attn_implementation else {}
     try:
         model = AutoModelForCausalLM.from_pretrained(
@@ -87,3 +91,12 @@ def load_model(config: ModelConfig, adapter: str | Path | None = None, merge: bo
     model.to(device).eval()
     log.info("loaded %s on %s as %s", config.name, device, dtype)
     return model, tokenizer
+
+
+def _config_of_adapter(config: ModelSettings, adapter: Path) -> ModelSettings:
+    """`config` with the base model the adapter chain was trained on (written in its lineage file)."""
+    base, _ = adapter_chain(adapter)
+    if base and base != config.name:
+        log.info("adapter %s was trained on %s; loading that base instead of %s", adapter, base, config.name)
+        return config.model_copy(update={"name": base})
+    return config

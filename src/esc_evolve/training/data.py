@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from esc_evolve.config import ExperimentConfig
-from esc_evolve.data import TurnSample, build_turn_samples, load_conversations
+from esc_evolve.config import DataSettings, ModelSettings, SFTSettings
+from esc_evolve.data import TurnSample, build_turn_samples, load_split, load_train
 from esc_evolve.data.prompts import build_messages
 from esc_evolve.errors import ConfigError, DataFormatError
 from esc_evolve.models import load_tokenizer
@@ -48,32 +48,30 @@ def sample_to_row(sample: TurnSample, system_prompt: str | None) -> Row:
     }
 
 
-def build_sft_rows(config: ExperimentConfig) -> SFTRows:
-    """ESC samples of `data.train_path` (+ replay at `sft.replay_ratio`), and the eval slice.
+def build_sft_rows(settings: SFTSettings, data: DataSettings, model: ModelSettings, seed: int) -> SFTRows:
+    """ESC samples of `data.train_path` (+ replay at `settings.replay_ratio`), and the eval slice.
 
-    The eval slice is `data.valid_path` when set, else `sft.eval_fraction` of the training conversations
+    The eval slice is `data.valid_path` when set, else `settings.eval_fraction` of the training conversations
     (split by conversation, so no dialogue is in both). Both are capped at random, with the run seed.
     """
-    data, sft, seed = config.data, config.sft, config.run.seed
-    train_convs = load_conversations(data.train_path, skip_invalid=data.skip_invalid, limit=data.max_conversations)
-    conversations = list(train_convs.conversations)
+    conversations = list(load_train(data).conversations)
     heldout: list = []
     if data.valid_path:
-        heldout = load_conversations(data.valid_path, skip_invalid=data.skip_invalid).conversations
-    elif sft.eval_fraction > 0:
+        heldout = load_split(data.valid_path, data).conversations
+    elif settings.eval_fraction > 0:
         random.Random(seed).shuffle(conversations)
-        n_eval = max(1, round(len(conversations) * sft.eval_fraction))
+        n_eval = max(1, round(len(conversations) * settings.eval_fraction))
         heldout, conversations = conversations[:n_eval], conversations[n_eval:]
     to_rows = [sample_to_row(s, data.system_prompt) for s in build_turn_samples(conversations, data.context_window)]
     eval_rows = [sample_to_row(s, data.system_prompt) for s in build_turn_samples(heldout, data.context_window)]
-    eval_rows = _subset(eval_rows, sft.max_eval_samples, seed)
-    train_rows, counts = mix_replay(to_rows, config)
-    tokenizer = load_tokenizer(config.model)
-    counts["shortened_contexts"] = sum(fit_to_length(row, tokenizer, sft.max_seq_length) for row in train_rows)
+    eval_rows = _subset(eval_rows, settings.max_eval_samples, seed)
+    train_rows, counts = mix_replay(to_rows, settings, seed)
+    tokenizer = load_tokenizer(model)
+    counts["shortened_contexts"] = sum(fit_to_length(row, tokenizer, settings.max_length) for row in train_rows)
     for row in eval_rows:
-        fit_to_length(row, tokenizer, sft.max_seq_length)
+        fit_to_length(row, tokenizer, settings.max_length)
     counts["eval_samples"] = len(eval_rows)
-    counts["eval_source"] = data.valid_path or f"{sft.eval_fraction:.0%} of {data.train_path}"
+    counts["eval_source"] = data.valid_path or f"{settings.eval_fraction:.0%} of {data.train_path}"
     log.info("SFT data: %s", counts)
     return SFTRows(train=train_rows, eval=eval_rows, counts=counts)
 
@@ -104,12 +102,11 @@ def _length(row: Row, tokenizer: Any) -> int:
     return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def mix_replay(esc_rows: list[Row], config: ExperimentConfig) -> tuple[list[Row], dict[str, Any]]:
+def mix_replay(esc_rows: list[Row], sft: SFTSettings, seed: int) -> tuple[list[Row], dict[str, Any]]:
     """Cap the mix at `sft.max_train_samples` and give `sft.replay_ratio` of it to replay rows.
 
     Replay rows are drawn without replacement while they last, then cycled (logged), so the ratio holds.
     """
-    sft, seed = config.sft, config.run.seed
     ratio = sft.replay_ratio if sft.replay_path else 0.0
     if ratio >= 1.0:
         raise ConfigError("sft.replay_ratio must be below 1 (it is the replay share of the training mix)")

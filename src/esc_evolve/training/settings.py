@@ -1,4 +1,4 @@
-"""Our config -> trl `SFTConfig` and peft `LoraConfig`, with device-aware defaults.
+"""Our settings -> trl `SFTConfig`/`DPOConfig` arguments and peft `LoraConfig`, with device-aware defaults.
 
 Where we differ from trl's defaults, and why:
 - bf16 mixed precision and gradient checkpointing are decided per device (`null` = auto). bf16: on GPUs that
@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from esc_evolve.config import ExperimentConfig, LoraSettings
+from esc_evolve.config import LoraSettings, ModelSettings, SFTSettings, TrainerSettings
 from esc_evolve.models import select_device, select_dtype
 
 # LoRA targets by backbone family (`model_type` in config.json), used when `lora.target_modules` is null:
@@ -52,24 +52,22 @@ class Runtime:
     attn_implementation: str | None = None
 
 
-def resolve_runtime(config: ExperimentConfig, section: Any = None) -> Runtime:
-    """Fill the `null` (auto) `bf16` / `gradient_checkpointing` of `section` (default `config.sft`; `config.dpo`
-    has the same fields) for the device this process trains on."""
-    section = config.sft if section is None else section
-    device = select_device(config.model.device)
+def resolve_runtime(model: ModelSettings, trainer: TrainerSettings) -> Runtime:
+    """Fill the `null` (auto) `bf16` / `gradient_checkpointing` of `trainer` for the device this process trains on."""
+    device = select_device(model.device)
     gpu = device.type == "cuda"
     bf16_ok = torch.cuda.is_bf16_supported() if gpu else device.type == "cpu" and cpu_has_native_bf16()
-    bf16 = section.bf16 if section.bf16 is not None else bf16_ok
+    bf16 = trainer.bf16 if trainer.bf16 is not None else bf16_ok
     # Mixed fp16 only where the user left precision to us and the GPU lacks bf16 (e.g. V100, T4).
-    fp16 = section.bf16 is None and gpu and not bf16_ok
-    checkpointing = section.gradient_checkpointing
+    fp16 = trainer.bf16 is None and gpu and not bf16_ok
+    checkpointing = trainer.gradient_checkpointing
     if checkpointing is None:
         checkpointing = gpu
     cpu = device.type == "cpu"
-    dtype = select_dtype(config.model.dtype, device)
-    if cpu and bf16 and config.model.dtype == "auto":
+    dtype = select_dtype(model.dtype, device)
+    if cpu and bf16 and model.dtype == "auto":
         dtype = torch.bfloat16
-    attention = config.model.attn_implementation or ("eager" if cpu else None)
+    attention = model.attn_implementation or ("eager" if cpu else None)
     return Runtime(device, dtype, bf16, fp16, checkpointing, attention)
 
 
@@ -79,11 +77,11 @@ def cpu_has_native_bf16() -> bool:
     return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
 
 
-def process_state(config: ExperimentConfig) -> Any:
+def process_state(model: ModelSettings) -> Any:
     """accelerate's process state, set up like the Trainer will (a CPU run must say so to join a gloo group)."""
     from accelerate import PartialState
 
-    return PartialState(cpu=select_device(config.model.device).type == "cpu")
+    return PartialState(cpu=select_device(model.device).type == "cpu")
 
 
 def lora_config(settings: LoraSettings, model_type: str) -> Any:
@@ -102,47 +100,46 @@ def lora_config(settings: LoraSettings, model_type: str) -> Any:
     )
 
 
-def trainer_args(config: ExperimentConfig, section: Any, output_dir: Path, runtime: Runtime) -> dict[str, Any]:
-    """The TrainingArguments shared by SFT and DPO; `section` is `config.sft` or `config.dpo`."""
+def trainer_args(trainer: TrainerSettings, seed: int, output_dir: Path, runtime: Runtime) -> dict[str, Any]:
+    """The TrainingArguments shared by SFT and DPO: every field of `TrainerSettings`, honoured by both."""
     return {
         "output_dir": str(output_dir),
-        "seed": config.run.seed,
-        "learning_rate": section.learning_rate,
-        "num_train_epochs": section.epochs,
-        "max_steps": section.max_steps,
-        "per_device_train_batch_size": section.per_device_batch_size,
-        "per_device_eval_batch_size": section.per_device_batch_size,
-        "gradient_accumulation_steps": section.gradient_accumulation_steps,
+        "seed": seed,
+        "learning_rate": trainer.learning_rate,
+        "num_train_epochs": trainer.epochs,
+        "max_steps": trainer.max_steps,
+        "per_device_train_batch_size": trainer.per_device_batch_size,
+        "per_device_eval_batch_size": trainer.per_device_batch_size,
+        "gradient_accumulation_steps": trainer.gradient_accumulation_steps,
+        "max_length": trainer.max_length,
+        "lr_scheduler_type": trainer.lr_scheduler,
+        "warmup_steps": trainer.warmup_ratio,  # transformers 5: a float below 1 is a ratio of the total steps
+        "weight_decay": trainer.weight_decay,
         "bf16": runtime.bf16,
         "fp16": runtime.fp16,
         **checkpointing_arg(runtime.gradient_checkpointing),
         "use_cpu": runtime.device.type == "cpu",
-        "logging_steps": section.logging_steps,
+        "logging_steps": trainer.logging_steps,
         "logging_first_step": True,
         "save_strategy": "steps",
-        "save_steps": section.save_steps,
+        "save_steps": trainer.save_steps,
         "save_total_limit": CHECKPOINTS_KEPT,
-        "report_to": "none",  # TensorBoard is attached by the stage, writing under RUN/logs/
+        "report_to": "none",  # TensorBoard is attached by the trainer functions, writing where they are told
         # Every LoRA weight gets a gradient each step: DDP's unused-parameter search would only cost time.
         "ddp_find_unused_parameters": False,
         "dataloader_num_workers": 0,
     }
 
 
-def trl_sft_config(config: ExperimentConfig, output_dir: Path, runtime: Runtime) -> Any:
-    """The trl `SFTConfig` for our config; every training hyperparameter comes from `config.sft`."""
+def trl_sft_config(settings: SFTSettings, seed: int, output_dir: Path, runtime: Runtime) -> Any:
+    """The trl `SFTConfig` for our settings; every training hyperparameter comes from `settings`."""
     from trl import SFTConfig as TrlSFTConfig
 
-    sft = config.sft
     return TrlSFTConfig(
-        **trainer_args(config, sft, output_dir, runtime),
-        max_length=sft.max_seq_length,
-        lr_scheduler_type=sft.lr_scheduler,
-        warmup_steps=sft.warmup_ratio,  # transformers 5: a float below 1 is a ratio of the total steps
-        weight_decay=sft.weight_decay,
+        **trainer_args(settings, seed, output_dir, runtime),
         completion_only_loss=True,
         assistant_only_loss=False,
-        train_sampling_strategy="group_by_length" if sft.group_by_length else "random",
+        train_sampling_strategy="group_by_length" if settings.group_by_length else "random",
         include_num_input_tokens_seen="non_padding",
         eval_strategy="no",
     )
@@ -156,12 +153,27 @@ def checkpointing_arg(enabled: bool) -> dict[str, bool]:
     return {"activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing": enabled}
 
 
-def model_init_kwargs(config: ExperimentConfig, runtime: Runtime) -> dict[str, Any]:
+def model_init_kwargs(model: ModelSettings, runtime: Runtime) -> dict[str, Any]:
     kwargs: dict[str, Any] = {
         "dtype": runtime.dtype,
-        "revision": config.model.revision,
-        "trust_remote_code": config.model.trust_remote_code,
+        "revision": model.revision,
+        "trust_remote_code": model.trust_remote_code,
     }
     if runtime.attn_implementation:
         kwargs["attn_implementation"] = runtime.attn_implementation
     return kwargs
+
+
+def tensorboard_callback(log_dir: Path | None) -> Any:
+    """TensorBoard logs written to `log_dir` (None: no TensorBoard), by the main process only."""
+    from accelerate import PartialState
+
+    if log_dir is None or not PartialState().is_main_process:
+        return None
+    from transformers.integrations import TensorBoardCallback
+
+    callback = TensorBoardCallback()
+    # The callback closes its writer when training ends and opens a new one for the final eval: both must go
+    # here, not to its default under the checkpoint folder.
+    callback.logging_dir = str(log_dir)
+    return callback

@@ -1,29 +1,26 @@
 """Phase 1, experience acquisition: LoRA SFT of the backbone on ESC turns (+ replay) with trl, giving M0.
 
-Run directory (`RUN/`):
-- `sft-checkpoints/checkpoint-N/`: trainer checkpoints every `sft.save_steps` (the last two are kept), and
-  `base_eval.json`, the untrained backbone's eval loss (computed once, reused on resume).
-- `logs/tensorboard/sft/`: loss, learning rate, grad norm, tokens/s, eval loss before and after.
-- `m0/`: the LoRA adapter, tokenizer and `train_summary.json`, published by renaming a finished folder.
-- `m0-merged/`: with `sft.merge_adapter`, the backbone with the adapter merged in (loadable without peft).
+`train_sft(settings, model, data, output_dir, ...)` needs no run directory: it writes
+- `output_dir/`: the LoRA adapter, tokenizer and `train_summary.json`, published by renaming a finished folder;
+- `work_dir/checkpoint-N/`: trainer checkpoints every `save_steps` (the last two are kept), and `base_eval.json`,
+  the untrained backbone's eval loss (computed once, reused on resume);
+- `log_dir/`: TensorBoard logs (loss, learning rate, grad norm, tokens/s, eval loss before and after);
+- `merged_dir/` with `settings.merge_adapter`: the backbone with the adapter merged in (loadable without peft).
 
-Training resumes from the newest complete checkpoint whenever one exists: a run directory is only reopened
-with `--resume`. The same entry point runs data-parallel under `accelerate launch` (see docs/sft.md).
+Training resumes from the newest complete checkpoint in `work_dir` whenever one exists. The same function runs
+data-parallel under `accelerate launch` (see docs/sft.md).
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
-from esc_evolve.config import ExperimentConfig
+from esc_evolve.config import DataSettings, ModelSettings, SFTSettings
 from esc_evolve.models.lineage import write_lineage
-from esc_evolve.rundir import RunDir, write_json_atomic
+from esc_evolve.storage import publish_folder, read_json, staging_folder, write_json_atomic
 from esc_evolve.training.data import SFTRows, build_sft_rows
 from esc_evolve.training.settings import (
     Runtime,
@@ -31,50 +28,56 @@ from esc_evolve.training.settings import (
     model_init_kwargs,
     process_state,
     resolve_runtime,
+    tensorboard_callback,
     trl_sft_config,
 )
 
 log = logging.getLogger(__name__)
 
-STAGE = "sft"
-ADAPTER_DIR = "m0"
-MERGED_DIR = "m0-merged"
-CHECKPOINT_DIR = "sft-checkpoints"
 SUMMARY_FILE = "train_summary.json"
 BASE_EVAL_FILE = "base_eval.json"
 
 
-def sft_stage(run: RunDir) -> dict[str, Any]:
-    """Pipeline stage `sft`: train M0 into `run.path / "m0"` and return the training summary."""
-    return run_sft(run)
+def train_sft(
+    settings: SFTSettings,
+    model: ModelSettings,
+    data: DataSettings,
+    output_dir: Path,
+    *,
+    seed: int,
+    work_dir: Path | None = None,
+    log_dir: Path | None = None,
+    merged_dir: Path | None = None,
+    callbacks: list[Any] | None = None,
+) -> dict[str, Any]:
+    """Train (or resume training) M0 into `output_dir` and return the training summary.
 
-
-def run_sft(run: RunDir, callbacks: list[Any] | None = None) -> dict[str, Any]:
-    """Train (or resume training) M0 for `run.config`; extra trainer `callbacks` are for tests and tools."""
+    `work_dir` (default `output_dir` + `-checkpoints`) holds checkpoints, `merged_dir` (default `output_dir` +
+    `-merged`) the merged model; extra trainer `callbacks` are for tests and tools."""
     from esc_evolve.training.speed import ThroughputCallback, set_torch_threads
 
-    config = run.config
+    work_dir = work_dir or output_dir.with_name(f"{output_dir.name}-checkpoints")
     started = time.perf_counter()
-    state = process_state(config)
-    threads = set_torch_threads(config.sft.num_threads)
-    runtime = resolve_runtime(config)
-    rows = build_sft_rows(config)
+    state = process_state(model)
+    threads = set_torch_threads(settings.num_threads)
+    runtime = resolve_runtime(model, settings)
+    rows = build_sft_rows(settings, data, model, seed)
     throughput = ThroughputCallback()
-    trainer = build_trainer(config, rows, runtime, run.path, [throughput, *(callbacks or [])])
-    outcome = train_and_evaluate(trainer, runtime, run.path / CHECKPOINT_DIR, state, has_eval=bool(rows.eval))
+    trainer = build_trainer(settings, model, rows, runtime, seed, work_dir, [throughput, *(callbacks or [])], log_dir)
+    outcome = train_and_evaluate(trainer, runtime, work_dir, state, has_eval=bool(rows.eval))
     summary = {
         "steps": trainer.state.global_step,
         **outcome,
-        **throughput.summary(samples_per_step(config, state.num_processes)),
+        **throughput.summary(samples_per_step(settings, state.num_processes)),
         "train_loss_last_logged": _last_logged_loss(trainer),
         **rows.counts,
         "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
         "runtime": _runtime_info(runtime, threads, state.num_processes),
         "wall_seconds": round(time.perf_counter() - started, 2),
     }
-    save_adapter(trainer, run.path / ADAPTER_DIR, summary, state, config.model.name)
-    if config.sft.merge_adapter and state.is_main_process:
-        merge_adapter(config, run.path / ADAPTER_DIR, run.path / MERGED_DIR)
+    save_adapter(trainer, output_dir, summary, state, model.name)
+    if settings.merge_adapter and state.is_main_process:
+        merge_adapter(model, output_dir, merged_dir or output_dir.with_name(f"{output_dir.name}-merged"))
     state.wait_for_everyone()
     log.info("SFT done: eval loss %s (untrained backbone %s)", summary["eval_loss"], summary["base_eval_loss"])
     return summary
@@ -100,7 +103,14 @@ def train_and_evaluate(trainer: Any, runtime: Runtime, checkpoints: Path, state:
 
 
 def build_trainer(
-    config: ExperimentConfig, rows: SFTRows, runtime: Runtime, run_path: Path, callbacks: list[Any]
+    settings: SFTSettings,
+    model: ModelSettings,
+    rows: SFTRows,
+    runtime: Runtime,
+    seed: int,
+    work_dir: Path,
+    callbacks: list[Any],
+    log_dir: Path | None = None,
 ) -> Any:
     from datasets import Dataset
     from transformers import AutoConfig
@@ -108,20 +118,20 @@ def build_trainer(
 
     from esc_evolve.models import load_tokenizer, resolve_backbone
 
-    source = resolve_backbone(config.model.name, config.model.cache_dir)
-    args = trl_sft_config(config, run_path / CHECKPOINT_DIR, runtime)
-    args.model_init_kwargs = model_init_kwargs(config, runtime)
+    source = resolve_backbone(model.name, model.cache_dir)
+    args = trl_sft_config(settings, seed, work_dir, runtime)
+    args.model_init_kwargs = model_init_kwargs(model, runtime)
     model_type = AutoConfig.from_pretrained(
-        source, revision=config.model.revision, trust_remote_code=config.model.trust_remote_code
+        source, revision=model.revision, trust_remote_code=model.trust_remote_code
     ).model_type
-    tensorboard = tensorboard_callback(run_path, STAGE)
+    tensorboard = tensorboard_callback(log_dir)
     return SFTTrainer(
         model=source,  # loaded by trl, so that DeepSpeed ZeRO-3 can shard it while it loads
         args=args,
         train_dataset=Dataset.from_list(rows.train),
         eval_dataset=Dataset.from_list(rows.eval) if rows.eval else None,
-        processing_class=load_tokenizer(config.model),
-        peft_config=lora_config(config.sft.lora, model_type),
+        processing_class=load_tokenizer(model),
+        peft_config=lora_config(settings.lora, model_type),
         # Ours first: it adds tokens/s to the logs before TensorBoard writes them.
         callbacks=[*callbacks, *([tensorboard] if tensorboard else [])],
     )
@@ -129,9 +139,10 @@ def build_trainer(
 
 def base_eval_loss(trainer: Any, checkpoints: Path, state: Any) -> float:
     """Eval loss before any training step: the LoRA B matrices start at zero, so this is the backbone's own."""
+    saved = read_json(checkpoints / BASE_EVAL_FILE)
+    if saved is not None:
+        return saved["eval_loss"]
     file = checkpoints / BASE_EVAL_FILE
-    if file.is_file():
-        return json.loads(file.read_text(encoding="utf-8"))["eval_loss"]
     loss = trainer.evaluate()["eval_loss"]
     if state.is_main_process:
         write_json_atomic(file, {"eval_loss": loss})
@@ -146,66 +157,39 @@ def latest_checkpoint(folder: Path) -> Path | None:
     complete = []
     for path in folder.glob("checkpoint-*"):
         step = _step_of(path)
-        if step is not None and _readable_json(path / "trainer_state.json"):
+        if step is not None and read_json(path / "trainer_state.json") is not None:
             complete.append((step, path))
     return max(complete)[1] if complete else None
 
 
 def save_adapter(trainer: Any, target: Path, summary: dict[str, Any], state: Any, base: str) -> None:
     """Save into a staging folder (all processes: sharded models gather there), then rename it into place."""
-    staging = target.with_name(f".{target.name}.staging")
-    if state.is_main_process and staging.exists():
-        shutil.rmtree(staging)  # left by an interrupted save
+    if state.is_main_process:
+        staging_folder(target)  # clears what an interrupted save left
     state.wait_for_everyone()
+    staging = staging_folder(target, clear=False)
     trainer.save_model(str(staging))
     if state.is_main_process:
         write_json_atomic(staging / SUMMARY_FILE, summary)
         write_lineage(staging, base, None)  # M0's parent is the backbone itself
-        publish(staging, target)
+        publish_folder(staging, target)
     state.wait_for_everyone()
 
 
-def merge_adapter(config: ExperimentConfig, adapter: Path, target: Path) -> None:
+def merge_adapter(model: ModelSettings, adapter: Path, target: Path) -> None:
     """Reload the backbone with the saved adapter and merge: independent of how training was sharded."""
     from esc_evolve.models import load_model
 
-    model, tokenizer = load_model(config.model, adapter=adapter)
-    merged = model.merge_and_unload()
-    staging = target.with_name(f".{target.name}.staging")
-    shutil.rmtree(staging, ignore_errors=True)
-    merged.save_pretrained(staging)
+    loaded, tokenizer = load_model(model, adapter=adapter, merge=True)
+    staging = staging_folder(target)
+    loaded.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
-    publish(staging, target)
+    publish_folder(staging, target)
     log.info("merged model saved to %s", target)
 
 
-def publish(staging: Path, target: Path) -> None:
-    """Rename a finished folder into place; an older one is moved aside first and then deleted."""
-    old = target.with_name(f".{target.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if target.exists():
-        os.replace(target, old)
-    os.replace(staging, target)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def samples_per_step(config: ExperimentConfig, processes: int) -> int:
-    return config.sft.per_device_batch_size * config.sft.gradient_accumulation_steps * processes
-
-
-def tensorboard_callback(run_path: Path, name: str) -> Any:
-    """TensorBoard logs under RUN/logs/tensorboard/<name>/, written by the main process only."""
-    from accelerate import PartialState
-
-    if not PartialState().is_main_process:  # set up by run_sft
-        return None
-    from transformers.integrations import TensorBoardCallback
-
-    callback = TensorBoardCallback()
-    # The callback closes its writer when training ends and opens a new one for the final eval: both must go
-    # here, not to its default under the checkpoint folder.
-    callback.logging_dir = str(run_path / "logs" / "tensorboard" / STAGE)
-    return callback
+def samples_per_step(settings: SFTSettings, processes: int) -> int:
+    return settings.per_device_batch_size * settings.gradient_accumulation_steps * processes
 
 
 def _last_logged_loss(trainer: Any) -> float | None:
@@ -230,14 +214,6 @@ def _step_of(path: Path | None) -> int | None:
         return None
     suffix = path.name.removeprefix("checkpoint-")
     return int(suffix) if suffix.isdigit() else None
-
-
-def _readable_json(path: Path) -> bool:
-    try:
-        json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return True
 
 
 def _round(value: float | None) -> float | None:

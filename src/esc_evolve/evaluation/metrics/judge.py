@@ -26,7 +26,7 @@ from esc_evolve.evaluation.judge import (
 from esc_evolve.evaluation.registry import MetricOutput, ModelScores, SubMetric, register_metric
 from esc_evolve.evaluation.resources import EvalContext
 from esc_evolve.evaluation.responses import HUMAN
-from esc_evolve.rundir import write_atomic
+from esc_evolve.storage import write_atomic
 
 SUBMETRICS = [
     *(SubMetric(f"judge_{d}", f"LLM judge {d} (1-5)", digits=2) for d in DIMENSIONS),
@@ -37,16 +37,13 @@ SUBMETRICS = [
 @register_metric("judge")
 def judge_metric(ctx: EvalContext) -> MetricOutput:
     if ctx.judge is None:
-        ctx.notes.append("LLM judge skipped: no judge backend given (set eval.judge_backend to local or openai).")
+        ctx.notes.append("LLM judge skipped: no judge backend given (set eval.judge.backend to local or openai).")
         return MetricOutput([], {})
-    n = (
-        len(ctx.table)
-        if ctx.settings.judge_max_contexts is None
-        else min(len(ctx.table), ctx.settings.judge_max_contexts)
-    )
-    pairs = judge_pairs(ctx.table.models, ctx.settings.judge_pairs)
-    # Every prompt is built first and the judge asked for all of them at once (in chunks, when it can batch),
-    # in the order one-by-one calls would take: each model's contexts, then each pair's contexts in both orders.
+    limit = ctx.settings.judge.max_contexts
+    n = len(ctx.table) if limit is None else min(len(ctx.table), limit)
+    pairs = judge_pairs(ctx.table.models, ctx.settings.judge.pairs)
+    # Every prompt is built first and the judge asked for all of them at once (in chunks), in the order
+    # one-by-one calls would take: each model's contexts, then each pair's contexts in both orders.
     table = ctx.table
     calls = [pointwise_call(table.samples[i], m, table.responses[m][i]) for m in table.models for i in range(n)]
     for a, b in pairs:
@@ -68,7 +65,7 @@ def judge_metric(ctx: EvalContext) -> MetricOutput:
         write_atomic(ctx.out_dir / "judge_records.jsonl", "\n".join(lines) + "\n")
     status = Counter((r.kind, r.status) for r in records)
     info = {
-        "backend": getattr(ctx.judge, "description", "a judge callable given to evaluate()"),
+        "backend": ctx.judge.description,
         "judged_contexts": n,
         "prompts": {p: load_prompt(p).sha256 for p in (POINTWISE_PROMPT, PAIRWISE_PROMPT)},
         "calls": len(records),
@@ -104,7 +101,7 @@ def judge_pairs(models: list[str], pairs: list[tuple[str, str]] | None) -> list[
     if pairs is not None:
         unknown = {m for pair in pairs for m in pair} - set(models)
         if unknown:
-            raise ValueError(f"judge_pairs name unknown model(s): {', '.join(sorted(unknown))}")
+            raise ValueError(f"eval.judge.pairs name unknown model(s): {', '.join(sorted(unknown))}")
         return [tuple(p) for p in pairs]
     generated = [m for m in models if m != HUMAN]
     chosen = [(generated[i], generated[i - 1]) for i in range(1, len(generated))]

@@ -8,10 +8,14 @@
 - one_size_fits_all: mean cosine similarity between a model's responses to different conversations' seekers
   (pairs from the same conversation excluded). Higher = more generic. In [-1, 1].
 - reflection_situation_id / reflection_discrepancy: the same ranking for the situation a model wrote in its
-  explicit reflection (where it wrote one).
+  explicit reflection (where it wrote one). The identification is shared with the reflection metric
+  (`situation_candidates`, `identify_situations`).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -30,20 +34,14 @@ SUBMETRICS = [
 @register_metric("personalisation")
 def personalisation(ctx: EvalContext) -> MetricOutput:
     table = ctx.table
-    candidates, k = distractor_sets(
-        [s.profile.situation for s in table.samples],
-        table.conversation_groups(),
-        ctx.settings.situation_distractors,
-        ctx.settings.seed,
-    )
-    pool = sorted({s for row in candidates for s in row})
-    pool_vectors = dict(zip(pool, ctx.embed(pool), strict=True)) if pool else {}
+    candidates = situation_candidates(ctx)
     conv = np.array(table.conversation_groups())
     scores = {}
     for model in table.models:
         vectors = ctx.embed(table.responses[model])
-        hit, disc = situation_ranks(vectors, candidates, pool_vectors)
-        refl_hit, refl_disc = _reflection_ranks(ctx, model, candidates, pool_vectors)
+        hit, disc = situation_ranks(vectors, candidates.sets, candidates.vectors)
+        reflected = [r.situation if r else None for r in table.reflections.get(model, [])]
+        refl_hit, refl_disc = identify_situations(ctx, reflected, candidates)
         scores[model] = ModelScores(
             per_context={
                 "situation_id": hit,
@@ -53,12 +51,56 @@ def personalisation(ctx: EvalContext) -> MetricOutput:
             },
             corpus={"one_size_fits_all": _generic_fn(vectors @ vectors.T, conv)},
         )
+    k = candidates.k
     info = {
         "distractors": k,
         "chance_situation_id": 1 / (k + 1) if k else None,
-        "contexts_with_situation": sum(1 for c in candidates if c),
+        "contexts_with_situation": sum(1 for c in candidates.sets if c),
     }
     return MetricOutput(SUBMETRICS, scores, info)
+
+
+@dataclass(frozen=True)
+class SituationCandidates:
+    """Per context, its own seeker's situation and K distractors ([] where the gold is missing), and their
+    embeddings: the same for every model and every metric that identifies situations."""
+
+    sets: list[list[str]]
+    k: int
+    vectors: dict[str, np.ndarray]
+
+
+def situation_candidates(ctx: EvalContext) -> SituationCandidates:
+    """The candidates of `ctx.table`, drawn with `ctx.settings.seed` (`situation_distractors` per context)."""
+    table = ctx.table
+    sets, k = distractor_sets(
+        [s.profile.situation for s in table.samples],
+        table.conversation_groups(),
+        ctx.settings.situation_distractors,
+        ctx.settings.seed,
+    )
+    pool = sorted({s for row in sets for s in row})
+    vectors = dict(zip(pool, ctx.embed(pool), strict=True)) if pool else {}
+    return SituationCandidates(sets, k, vectors)
+
+
+def identify_situations(
+    ctx: EvalContext, texts: Sequence[str | None], candidates: SituationCandidates
+) -> tuple[np.ndarray, np.ndarray]:
+    """(identification credit, normalised rank) per context for free texts that describe the seeker's situation
+    (e.g. a model's reflection): does the text's embedding pick the own situation among the candidates? NaN where
+    the text is missing or blank, or the context has no gold situation."""
+    n = len(candidates.sets)
+    cleaned = [(t or "").strip() for t in texts] or [""] * n
+    keep = [i for i, t in enumerate(cleaned) if t and candidates.sets[i]]
+    if not keep:
+        return np.full(n, np.nan), np.full(n, np.nan)
+    embedded = ctx.embed([cleaned[i] for i in keep])
+    vectors = np.zeros((n, embedded.shape[1]))
+    vectors[keep] = embedded
+    kept = set(keep)
+    masked = [c if i in kept else [] for i, c in enumerate(candidates.sets)]
+    return situation_ranks(vectors, masked, candidates.vectors)
 
 
 def distractor_sets(situations: list[str | None], groups: list[int], k: int, seed: int) -> tuple[list[list[str]], int]:
@@ -97,19 +139,6 @@ def situation_ranks(
         hit[i] = 1.0 / (1 + tied) if above == 0 else 0.0
         disc[i] = (above + tied / 2) / len(others)
     return hit, disc
-
-
-def _reflection_ranks(ctx: EvalContext, model: str, candidates, pool_vectors) -> tuple[np.ndarray, np.ndarray]:
-    reflections = ctx.table.reflections.get(model, [])
-    texts = [(r.situation or "").strip() if r else "" for r in reflections]
-    keep = [i for i, t in enumerate(texts) if t]
-    if not keep:
-        return np.full(len(candidates), np.nan), np.full(len(candidates), np.nan)
-    embedded = ctx.embed([texts[i] for i in keep])
-    vectors = np.zeros((len(candidates), embedded.shape[1]))
-    vectors[keep] = embedded
-    masked = [c if texts[i] else [] for i, c in enumerate(candidates)]
-    return situation_ranks(vectors, masked, pool_vectors)
 
 
 def _generic_fn(similarity: np.ndarray, conv: np.ndarray):

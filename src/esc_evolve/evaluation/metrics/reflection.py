@@ -1,11 +1,20 @@
-"""Where a model wrote an explicit reflection, how often its inferred emotion and problem match the gold labels
-(`matching.label_matches`). Contexts without a reflection (or without the gold label) are excluded (NaN)."""
+"""Where a model wrote an explicit reflection, how often what it inferred matches the gold profile.
+
+- reflection_coverage: share of contexts with a reflection.
+- emotion_match / problem_match: the inferred emotion / problem names the gold label (`matching.label_matches`).
+- situation_match: the reflected situation identifies the seeker's own situation among `situation_distractors`
+  other seekers' situations by embedding similarity (the personalisation metric's identification, ties count
+  1/(number tied); chance 1/(K+1)).
+
+Contexts without a reflection, without the inferred field or without the gold label are excluded (NaN).
+"""
 
 from __future__ import annotations
 
 import numpy as np
 
 from esc_evolve.evaluation.matching import label_matches
+from esc_evolve.evaluation.metrics.personalisation import SituationCandidates, identify_situations, situation_candidates
 from esc_evolve.evaluation.registry import MetricOutput, ModelScores, SubMetric, register_metric
 from esc_evolve.evaluation.resources import EvalContext
 
@@ -13,17 +22,18 @@ SUBMETRICS = [
     SubMetric("reflection_coverage", "contexts with an explicit reflection", higher_is_better=None, percent=True),
     SubMetric("emotion_match", "reflected emotion matches the gold emotion type", percent=True),
     SubMetric("problem_match", "reflected problem matches the gold problem type", percent=True),
+    SubMetric("situation_match", "reflected situation picks the gold one among K+1 seekers' (accuracy)", percent=True),
 ]
 
 
 @register_metric("reflection")
 def reflection(ctx: EvalContext) -> MetricOutput:
+    models = [m for m in ctx.table.models if ctx.table.has_reflections(m)]
+    candidates = _candidates(ctx, models)
+    profiles = [s.profile for s in ctx.table.samples]
     scores = {}
-    for model in ctx.table.models:
-        if not ctx.table.has_reflections(model):
-            continue
+    for model in models:
         rows = ctx.table.reflections[model]
-        profiles = [s.profile for s in ctx.table.samples]
         emotion = [
             label_matches(r.emotion if r else None, p.emotion_type, "emotion")
             for r, p in zip(rows, profiles, strict=True)
@@ -32,14 +42,25 @@ def reflection(ctx: EvalContext) -> MetricOutput:
             label_matches(r.problem if r else None, p.problem_type, "problem")
             for r, p in zip(rows, profiles, strict=True)
         ]
+        situation = np.full(len(rows), np.nan)
+        if candidates is not None:
+            situation, _ = identify_situations(ctx, [r.situation if r else None for r in rows], candidates)
         scores[model] = ModelScores(
             per_context={
                 "reflection_coverage": np.array([float(r is not None) for r in rows]),
                 "emotion_match": _as_float(emotion),
                 "problem_match": _as_float(problem),
+                "situation_match": situation,
             }
         )
-    return MetricOutput(SUBMETRICS, scores)
+    info = {"distractors": candidates.k} if candidates is not None else {}
+    return MetricOutput(SUBMETRICS, scores, info)
+
+
+def _candidates(ctx: EvalContext, models: list[str]) -> SituationCandidates | None:
+    """The situations to identify, or None when no model reflected on a situation (nothing to embed then)."""
+    reflected = any(r is not None and (r.situation or "").strip() for m in models for r in ctx.table.reflections[m])
+    return situation_candidates(ctx) if reflected else None
 
 
 def _as_float(values: list[bool | None]) -> np.ndarray:

@@ -32,6 +32,18 @@ KEY_METRICS = (
 )
 
 
+def make_plots(result: EvalResult, folder: Path) -> dict[str, Path]:
+    """Every figure that applies to the result, by caption (in report order)."""
+    made = {
+        "Metrics per model": plot_metrics(result, folder / "metrics.png"),
+        "Judge win rates": plot_win_rates(result, folder / "win_rates.png"),
+        "Strategy distribution": plot_strategies(result, folder / "strategies.png"),
+        "Strategy preferences": plot_preferences(result, folder / "preferences.png"),
+        "Response lengths": plot_lengths(result, folder / "lengths.png"),
+    }
+    return {caption: path for caption, path in made.items() if path is not None}
+
+
 def _pyplot():
     import matplotlib
 

@@ -71,7 +71,7 @@ def test_unknown_backend_is_a_config_error_listing_the_registered_ones():
 
 
 def test_a_registered_backend_is_built_from_the_config(monkeypatch):
-    monkeypatch.setattr(judge_backends, "JUDGES", dict(judge_backends.JUDGES))  # registrations end with the test
+    monkeypatch.setattr(judge_backends.JUDGES, "entries", dict(judge_backends.JUDGES.entries))  # registrations end here
     seen = {}
 
     @register_judge("fixed")

@@ -83,3 +83,12 @@ def test_registered_metrics_through_evaluate():
     assert est["length"].value == pytest.approx((6 + 3) / 2)
     assert "bleu_1" not in result.estimates["human"]  # the reference is not scored against itself
     assert est["bleu_1"].low <= est["bleu_1"].value <= est["bleu_1"].high
+
+
+def test_an_unknown_metric_names_the_setting_and_the_registered_ones():
+    from esc_evolve.errors import ConfigError
+    from esc_evolve.evaluation import available_metrics, get_metric
+
+    assert {"bleu", "distinct", "reflection", "judge"} <= set(available_metrics())
+    with pytest.raises(ConfigError, match=r"unknown metric 'blue' \(eval.metrics\); registered: bleu, distinct"):
+        get_metric("blue")

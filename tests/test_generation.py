@@ -362,7 +362,7 @@ def test_backends_are_registered_by_name(monkeypatch: pytest.MonkeyPatch) -> Non
     from esc_evolve.errors import ConfigError
     from esc_evolve.generation import factory, register_backend
 
-    monkeypatch.setattr(factory, "BACKENDS", dict(factory.BACKENDS))  # registrations end with the test
+    monkeypatch.setattr(factory.BACKENDS, "entries", dict(factory.BACKENDS.entries))  # registrations end here
 
     class Echo(Generator):
         def generate(self, requests, progress=True):
@@ -374,5 +374,6 @@ def test_backends_are_registered_by_name(monkeypatch: pytest.MonkeyPatch) -> Non
 
     generator = build_generator(ModelSettings(), GenerationSettings(backend="echo"))
     assert generator.generate([GenerationRequest(messages=chat("hi"))])[0].text == "hi"
-    with pytest.raises(ConfigError, match="unknown generation backend 'nope'; registered: echo, openai"):
+    unknown = r"unknown generation backend 'nope' \(generation.backend\); registered: echo, openai"
+    with pytest.raises(ConfigError, match=unknown):
         build_generator(ModelSettings(), GenerationSettings(backend="nope"))

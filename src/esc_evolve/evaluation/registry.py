@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from esc_evolve.errors import ConfigError
+from esc_evolve.registry import Registry
 
 if TYPE_CHECKING:
     from esc_evolve.evaluation.resources import EvalContext
@@ -62,28 +62,19 @@ class MetricOutput:
 
 
 MetricFn = Callable[["EvalContext"], MetricOutput]
-METRICS: dict[str, MetricFn] = {}
 
 
-def register_metric(name: str) -> Callable[[MetricFn], MetricFn]:
-    def decorate(fn: MetricFn) -> MetricFn:
-        if name in METRICS:
-            raise ValueError(f"metric {name!r} registered twice")
-        METRICS[name] = fn
-        return fn
+def _load_builtin_metrics() -> None:
+    from esc_evolve.evaluation import metrics  # noqa: F401  (importing registers the built-in metrics)
 
-    return decorate
+
+METRICS: Registry[MetricFn] = Registry("metric", "eval.metrics", load=_load_builtin_metrics)
+register_metric = METRICS.register
 
 
 def get_metric(name: str) -> MetricFn:
-    from esc_evolve.evaluation import metrics  # noqa: F401  (importing registers the built-in metrics)
-
-    if name not in METRICS:
-        raise ConfigError(f"unknown metric {name!r}; registered: {', '.join(sorted(METRICS))}")
-    return METRICS[name]
+    return METRICS.get(name)
 
 
 def available_metrics() -> list[str]:
-    from esc_evolve.evaluation import metrics  # noqa: F401
-
-    return sorted(METRICS)
+    return METRICS.names()

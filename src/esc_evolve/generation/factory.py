@@ -13,25 +13,15 @@ from pathlib import Path
 from typing import Any
 
 from esc_evolve.config import GenerationSettings, ModelSettings
-from esc_evolve.errors import ConfigError
 from esc_evolve.generation.types import GenerationError, Generator
+from esc_evolve.registry import Registry
 
 log = logging.getLogger(__name__)
 
 BackendBuilder = Callable[[ModelSettings, GenerationSettings, Path | None, int], Generator]
-BACKENDS: dict[str, BackendBuilder] = {}
-
-
-def register_backend(name: str) -> Callable[[BackendBuilder], BackendBuilder]:
-    """Register `builder(model, generation, adapter, seed) -> Generator` as the backend `name`."""
-
-    def decorate(builder: BackendBuilder) -> BackendBuilder:
-        if name in BACKENDS:
-            raise ValueError(f"generation backend {name!r} registered twice")
-        BACKENDS[name] = builder
-        return builder
-
-    return decorate
+# `builder(model, generation, adapter, seed) -> Generator`, selected by `generation.backend`.
+BACKENDS: Registry[BackendBuilder] = Registry("generation backend", "generation.backend")
+register_backend = BACKENDS.register
 
 
 def build_generator(
@@ -46,10 +36,6 @@ def build_generator(
     `seed` seeds sampled requests that carry no seed of their own (pass `run.seed`).
     """
     builder = BACKENDS.get(generation.backend)
-    if builder is None:
-        raise ConfigError(
-            f"unknown generation backend {generation.backend!r}; registered: {', '.join(sorted(BACKENDS))}"
-        )
     return builder(model, generation, Path(adapter) if adapter is not None else None, seed)
 
 

@@ -45,7 +45,7 @@ def compact_lm_head_on_cpu() -> Iterator[None]:
 
 @contextmanager
 def fast_paths(trainer: Any, runtime: Any) -> Iterator[None]:
-    """What `run_sft` trains and evaluates under (the benchmark measures the same).
+    """What `train_sft` trains and evaluates under (the benchmark measures the same).
 
     Under mixed precision, peft casts each LoRA input to the adapter's fp32 dtype, and autocast casts it back to
     bf16 for the matmul: two copies of an activation per adapted layer (~9% of a CPU step). peft's own switch

@@ -19,33 +19,19 @@ from esc_evolve.config import GenerationSettings, JudgeSettings, ModelSettings, 
 from esc_evolve.errors import ConfigError
 from esc_evolve.evaluation.judge.base import Judge, Messages
 from esc_evolve.generation import GenerationRequest, Generator, build_generator
+from esc_evolve.registry import Registry
 
 JudgeBuilder = Callable[[JudgeSettings, ModelSettings, GenerationSettings, int], Judge | None]
-JUDGES: dict[str, JudgeBuilder] = {}
-
-
-def register_judge(name: str) -> Callable[[JudgeBuilder], JudgeBuilder]:
-    """Register `builder(settings, model, generation, seed) -> Judge | None` as the judge backend `name`."""
-
-    def decorate(builder: JudgeBuilder) -> JudgeBuilder:
-        if name in JUDGES:
-            raise ValueError(f"judge backend {name!r} registered twice")
-        JUDGES[name] = builder
-        return builder
-
-    return decorate
+# `builder(settings, model, generation, seed) -> Judge | None`, selected by `eval.judge.backend`.
+JUDGES: Registry[JudgeBuilder] = Registry("judge backend", "eval.judge.backend")
+register_judge = JUDGES.register
 
 
 def build_judge(
     settings: JudgeSettings, model: ModelSettings, generation: GenerationSettings, *, seed: int
 ) -> Judge | None:
     """The judge `settings.backend` names, ready to ask; None for `none`. Close it when done."""
-    builder = JUDGES.get(settings.backend)
-    if builder is None:
-        raise ConfigError(
-            f"unknown judge backend {settings.backend!r} (eval.judge.backend); registered: {', '.join(sorted(JUDGES))}"
-        )
-    return builder(settings, model, generation, seed)
+    return JUDGES.get(settings.backend)(settings, model, generation, seed)
 
 
 class GeneratorJudge(Judge):

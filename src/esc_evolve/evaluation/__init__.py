@@ -1,4 +1,10 @@
-"""Evaluation of generated emotional-support responses: metrics, statistics, reports, human eval.
+"""Evaluation of generated emotional-support responses. It scores responses; generating them is the pipeline's.
+
+- the scoring core: `responses.py` (the input table), `evaluate.py` (metrics + paired bootstrap CIs), `registry.py`
+  (metrics by name), `resources.py` (shared embedder/classifier), `settings.py`, `stats.py`;
+- `metrics/`: each metric, registered by name (with `embedding.py`, `strategy.py`, `matching.py` they use);
+- `judge/`: the LLM judge as a class built from `eval.judge`; `report/`: metrics.json, report.md/html, plots;
+- `human.py`: blinded A/B sheets for human raters and their agreement.
 
 Typical use (the generation engine writes responses.jsonl; see docs/evaluation.md):
 

@@ -207,3 +207,30 @@ def test_real_label_variants_are_unified(shared_data: Path) -> None:
         t["annotation"].get("strategy") for r in raw for t in r["dialog"] if t["speaker"] == "listener"
     )
     assert failed.strategies["Question"] == raw_counts["Questions"] + raw_counts["Question"]
+
+
+def test_a_line_that_is_not_utf8_names_file_line_byte_and_column(tmp_path: Path) -> None:
+    good = json.dumps(make_record()).encode()
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(good + b"\n" + b'{"dialog": "caf\xe9"}\n' + good + b"\n")
+    with pytest.raises(DataFormatError, match=r"latin1\.jsonl:2: not valid UTF-8 \(byte 0xe9 at column 16\)"):
+        load_conversations(path)
+    loaded = load_conversations(path, skip_invalid=True)
+    assert len(loaded.conversations) == 2 and "latin1.jsonl:2: not valid UTF-8" in loaded.skipped[0]
+
+
+def test_a_byte_order_mark_is_accepted(tmp_path: Path) -> None:
+    bom = b"\xef\xbb\xbf"
+    lines = tmp_path / "bom.jsonl"
+    lines.write_bytes(bom + json.dumps(make_record()).encode() + b"\n")
+    assert len(load_conversations(lines).conversations) == 1
+    listed = tmp_path / "bom.json"
+    listed.write_bytes(bom + json.dumps([make_record()]).encode())
+    assert len(load_conversations(listed).conversations) == 1
+
+
+def test_a_json_list_that_is_not_utf8_names_its_line(tmp_path: Path) -> None:
+    path = tmp_path / "ESConv.json"
+    path.write_bytes(b'[\n  {"dialog": []},\n  {"situation": "na\xefve"}\n]')
+    with pytest.raises(DataFormatError, match=r"ESConv\.json:3: not valid UTF-8 \(byte 0xef at column 20\)"):
+        load_conversations(path)

@@ -36,6 +36,7 @@ SEEKER_NAMES = frozenset({"usr", "user", "seeker", "speaker"})
 SUPPORTER_NAMES = frozenset({"sys", "system", "supporter", "listener"})
 BUILTIN_FILE = "sample_conversations.jsonl"
 BUILTIN_VALID_EVERY = 5  # every 5th built-in conversation is held out as the built-in valid split
+BOM = b"\xef\xbb\xbf"  # the UTF-8 byte-order mark some editors write first
 
 
 @dataclass
@@ -44,6 +45,10 @@ class LoadResult:
     format: str
     conversations: list[Conversation]
     skipped: list[str] = field(default_factory=list)
+
+
+class LineError(ValueError):
+    """A line that is not a record at all (its bytes are not text): reported without a field."""
 
 
 class RecordError(ValueError):
@@ -68,7 +73,7 @@ def load_conversations(source: str | Path, *, skip_invalid: bool = False, limit:
             if fmt == "unknown":
                 fmt = detect_format(record)
             conversations.append(parse_record(record, conversation_id=location))
-        except RecordError as exc:
+        except (RecordError, LineError) as exc:
             message = f"{location}: {exc}"
             if not skip_invalid:
                 raise DataFormatError(message + "  (use --skip-invalid to skip such records)") from None
@@ -84,6 +89,8 @@ def load_conversations(source: str | Path, *, skip_invalid: bool = False, limit:
 
 def _decode(payload: Any) -> Any:
     """Sources yield JSON text (a line) or already-parsed objects; decode the text here, with its location."""
+    if isinstance(payload, NotUTF8):
+        raise LineError(payload.message)
     if not isinstance(payload, str):
         return payload
     try:
@@ -195,18 +202,44 @@ def _records(source: str) -> Iterator[tuple[str, Any]]:
 
 
 def _file_records(path: Path) -> Iterator[tuple[str, Any]]:
-    with path.open(encoding="utf-8") as handle:
-        head = handle.read(4096).lstrip()
-    if head.startswith("["):  # a JSON list: raw ESConv.json / FailedESConv.json
+    """Records of a local file, read as bytes so that a byte that is not UTF-8 is reported with its line and
+    column (a `.jsonl` line is then one invalid record) and a byte-order mark is accepted."""
+    with path.open("rb") as handle:
+        head = handle.read(4096).removeprefix(BOM).lstrip()
+    if head.startswith(b"["):  # a JSON list: raw ESConv.json / FailedESConv.json
+        data = path.read_bytes().removeprefix(BOM)
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            records = json.loads(data.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            line = data.count(b"\n", 0, exc.start) + 1
+            raise DataFormatError(f"{path}:{line}: {_not_utf8(data, exc.start)}") from None
         except json.JSONDecodeError as exc:
             raise DataFormatError(f"{path}:{exc.lineno}: malformed JSON: {exc.msg}") from None
-        for index, record in enumerate(data):
+        for index, record in enumerate(records):
             yield f"{path.name}:record {index}", record
         return
-    with path.open(encoding="utf-8") as handle:
-        yield from _jsonl_records(handle, path.name)
+    with path.open("rb") as handle:
+        for line_no, raw in enumerate(handle, start=1):
+            raw = raw.removeprefix(BOM) if line_no == 1 else raw
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                yield f"{path.name}:{line_no}", NotUTF8(_not_utf8(raw, exc.start))
+                continue
+            if line.strip():
+                yield f"{path.name}:{line_no}", line
+
+
+@dataclass(frozen=True)
+class NotUTF8:
+    """A line whose bytes are not UTF-8: an invalid record (skipped with `skip_invalid`), never a traceback."""
+
+    message: str
+
+
+def _not_utf8(data: bytes, offset: int) -> str:
+    column = offset - (data.rfind(b"\n", 0, offset) + 1) + 1
+    return f"not valid UTF-8 (byte 0x{data[offset]:02x} at column {column})"
 
 
 def _jsonl_records(lines: Iterator[str], name: str) -> Iterator[tuple[str, Any]]:

@@ -146,7 +146,7 @@ def generate(args: argparse.Namespace, principles: Principles) -> tuple[list[dic
     adapter = args.adapter if str(args.adapter) not in ("", ".") else None
     rows: list[dict[str, Any]] = []
     with build_generator(config.model, config.generation, adapter, seed=config.run.seed) as generator:
-        tokenizer = generator.tokenizer or load_tokenizer(config.model, adapter)
+        tokenizer = load_tokenizer(config.model, adapter) if generator.tokenizer is None else generator.tokenizer
         job = PairJob(config.evolve, args.iteration, config.run.seed, config.data.system_prompt, principles, tokenizer)
         start = time.perf_counter()
         size = config.generation.batch_size

@@ -39,15 +39,17 @@ def test_situation_ranks_hand_computed():
 
 def test_personalisation_metric_orders_generic_and_personal_models():
     table = make_table(6, 2)
-    settings = EvaluationSettings(metrics=["personalisation"], bootstrap_samples=50, situation_distractors=3)
+    settings = EvaluationSettings(
+        metrics=["personalisation", "reflection"], bootstrap_samples=50, situation_distractors=3
+    )
     result = evaluate(table, settings, embedder=HashEmbedder())
     est = result.estimates
     assert est["m0"]["one_size_fits_all"].value == pytest.approx(1.0)  # the same sentence to everyone
     assert est["m1"]["one_size_fits_all"].value < 0.9
     assert est["m1"]["preference_discrepancy"].value < est["m0"]["preference_discrepancy"].value
     assert est["m1"]["situation_id"].value > est["m0"]["situation_id"].value
-    assert est["m2"]["reflection_situation_id"].value == pytest.approx(1.0)  # reflections quote the situation
-    assert "reflection_situation_id" not in est["m1"]
+    assert est["m2"]["situation_match"].value == pytest.approx(1.0)  # reflections quote the situation
+    assert "situation_match" not in est["m1"]
     assert result.info["personalisation"]["chance_situation_id"] == pytest.approx(0.25)
 
 

@@ -68,7 +68,7 @@ def generate_pairs(config: ExperimentConfig, iteration: int, generator, tokenize
         seed=config.run.seed,
         system_prompt=config.data.system_prompt,
         tokenizer=tokenizer,
-        chunk_size=chunk_size,
+        chunk_size=chunk_size or config.generation.batch_size,
     )
 
 

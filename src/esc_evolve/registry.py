@@ -43,6 +43,3 @@ class Registry(Generic[T]):
         if self._load is not None:
             self._load()
         return sorted(self.entries)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.names()

@@ -8,6 +8,7 @@ its `modules.json` pipeline: token embeddings -> mean pooling over the attention
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import logging
@@ -122,5 +123,6 @@ def default_cache_dir() -> Path:
     return Path(root).expanduser() if root else Path.home() / ".cache" / "esc-evolve"
 
 
+@functools.cache  # one MiniLM per process: the eval stage scores several tables (models, iterations)
 def load_default_embedder(cache_dir: Path | None = None, progress: bool = True) -> Embedder:
     return CachedEmbedder(TransformerEmbedder(progress=progress), cache_dir or default_cache_dir())

@@ -70,12 +70,12 @@ def generate_pairs(
     system_prompt: str | None,
     principles: Principles | None = None,
     tokenizer: Any = None,
-    chunk_size: int | None = None,
+    chunk_size: int = 16,
 ) -> dict[str, Any]:
     """Append one record per context to `pairs_file` (skipping contexts already there); return counts.
 
     Reflection prompts are rendered with `tokenizer`, by default the generator's own (so prompt and model agree).
-    `chunk_size` contexts are processed per batch (default: the generator's batch size, else 16)."""
+    `chunk_size` contexts are processed per batch (the pipeline passes `generation.batch_size`)."""
     tokenizer = tokenizer if tokenizer is not None else generator.tokenizer
     if tokenizer is None:
         raise ConfigError("reflection prompts need the model's tokenizer: this generator has none, pass tokenizer=")
@@ -85,7 +85,6 @@ def generate_pairs(
     done = store.done_ids()
     todo = [s for s in contexts if s.sample_id not in done]
     log.info("iteration %d: %d contexts, %d already done", iteration, len(contexts), len(contexts) - len(todo))
-    chunk_size = chunk_size or getattr(getattr(generator, "config", None), "batch_size", 16)
     for start in range(0, len(todo), chunk_size):
         chunk = todo[start : start + chunk_size]
         store.append(_process_chunk(job, generator, chunk))

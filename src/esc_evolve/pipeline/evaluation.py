@@ -174,7 +174,7 @@ def iteration_reflections(layout: RunLayout, config: ExperimentConfig) -> dict[s
     from esc_evolve.evolve.pairs import PairStore
 
     found = [t for t in layout.iterations() if layout.pairs_file(t).is_file()]
-    if not found:
+    if not found or "reflection" not in config.eval.metrics:  # part of the reflection metric, chosen like it
         return {}
     settings = EvaluationSettings.for_experiment(config).model_copy(update={"metrics": ["reflection"]})
     train = load_train(config.data).by_id()

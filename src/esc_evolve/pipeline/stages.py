@@ -115,7 +115,7 @@ def pairs(run: RunDir, iteration: int) -> dict[str, Any]:
             seed=cfg.run.seed,
             system_prompt=cfg.data.system_prompt,
             # A remote generator has no tokenizer of its own: render with the model's (adapter's first).
-            tokenizer=generator.tokenizer or load_tokenizer(cfg.model, parent),
+            tokenizer=load_tokenizer(cfg.model, parent) if generator.tokenizer is None else generator.tokenizer,
             chunk_size=cfg.generation.batch_size,
         )
     summary["exported_pairs"] = PairStore(layout.pairs_file(iteration)).export_preference(

@@ -7,14 +7,12 @@
   0 = the response is closer to its own seeker's situation than to any other; chance level 0.5.
 - one_size_fits_all: mean cosine similarity between a model's responses to different conversations' seekers
   (pairs from the same conversation excluded). Higher = more generic. In [-1, 1].
-- reflection_situation_id / reflection_discrepancy: the same ranking for the situation a model wrote in its
-  explicit reflection (where it wrote one). The identification is shared with the reflection metric
-  (`situation_candidates`, `identify_situations`).
+The same identification of a reflected situation is the reflection metric's `situation_match` (with the
+candidates of `situation_candidates`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,8 +24,6 @@ SUBMETRICS = [
     SubMetric("situation_id", "response picks its own seeker's situation among K+1 (accuracy)", percent=True),
     SubMetric("preference_discrepancy", "normalised rank of the own situation (0 best, chance 0.5)", False),
     SubMetric("one_size_fits_all", "mean cosine between responses to different seekers (generic = high)", False),
-    SubMetric("reflection_situation_id", "reflected situation picks the gold one among K+1", percent=True),
-    SubMetric("reflection_discrepancy", "normalised rank of the gold situation for the reflection", False),
 ]
 
 
@@ -40,14 +36,10 @@ def personalisation(ctx: EvalContext) -> MetricOutput:
     for model in table.models:
         vectors = ctx.embed(table.responses[model])
         hit, disc = situation_ranks(vectors, candidates.sets, candidates.vectors)
-        reflected = [r.situation if r else None for r in table.reflections.get(model, [])]
-        refl_hit, refl_disc = identify_situations(ctx, reflected, candidates)
         scores[model] = ModelScores(
             per_context={
                 "situation_id": hit,
                 "preference_discrepancy": disc,
-                "reflection_situation_id": refl_hit,
-                "reflection_discrepancy": refl_disc,
             },
             corpus={"one_size_fits_all": _generic_fn(vectors @ vectors.T, conv)},
         )
@@ -82,25 +74,6 @@ def situation_candidates(ctx: EvalContext) -> SituationCandidates:
     pool = sorted({s for row in sets for s in row})
     vectors = dict(zip(pool, ctx.embed(pool), strict=True)) if pool else {}
     return SituationCandidates(sets, k, vectors)
-
-
-def identify_situations(
-    ctx: EvalContext, texts: Sequence[str | None], candidates: SituationCandidates
-) -> tuple[np.ndarray, np.ndarray]:
-    """(identification credit, normalised rank) per context for free texts that describe the seeker's situation
-    (e.g. a model's reflection): does the text's embedding pick the own situation among the candidates? NaN where
-    the text is missing or blank, or the context has no gold situation."""
-    n = len(candidates.sets)
-    cleaned = [(t or "").strip() for t in texts] or [""] * n
-    keep = [i for i, t in enumerate(cleaned) if t and candidates.sets[i]]
-    if not keep:
-        return np.full(n, np.nan), np.full(n, np.nan)
-    embedded = ctx.embed([cleaned[i] for i in keep])
-    vectors = np.zeros((n, embedded.shape[1]))
-    vectors[keep] = embedded
-    kept = set(keep)
-    masked = [c if i in kept else [] for i, c in enumerate(candidates.sets)]
-    return situation_ranks(vectors, masked, candidates.vectors)
 
 
 def distractor_sets(situations: list[str | None], groups: list[int], k: int, seed: int) -> tuple[list[list[str]], int]:

@@ -11,10 +11,12 @@ Contexts without a reflection, without the inferred field or without the gold la
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from esc_evolve.evaluation.matching import label_matches
-from esc_evolve.evaluation.metrics.personalisation import SituationCandidates, identify_situations, situation_candidates
+from esc_evolve.evaluation.metrics.personalisation import SituationCandidates, situation_candidates, situation_ranks
 from esc_evolve.evaluation.registry import MetricOutput, ModelScores, SubMetric, register_metric
 from esc_evolve.evaluation.resources import EvalContext
 
@@ -44,7 +46,7 @@ def reflection(ctx: EvalContext) -> MetricOutput:
         ]
         situation = np.full(len(rows), np.nan)
         if candidates is not None:
-            situation, _ = identify_situations(ctx, [r.situation if r else None for r in rows], candidates)
+            situation = identify_situations(ctx, [r.situation if r else None for r in rows], candidates)
         scores[model] = ModelScores(
             per_context={
                 "reflection_coverage": np.array([float(r is not None) for r in rows]),
@@ -61,6 +63,22 @@ def _candidates(ctx: EvalContext, models: list[str]) -> SituationCandidates | No
     """The situations to identify, or None when no model reflected on a situation (nothing to embed then)."""
     reflected = any(r is not None and (r.situation or "").strip() for m in models for r in ctx.table.reflections[m])
     return situation_candidates(ctx) if reflected else None
+
+
+def identify_situations(ctx: EvalContext, texts: Sequence[str | None], candidates: SituationCandidates) -> np.ndarray:
+    """Identification credit per context of reflected situations: does the text's embedding pick the own
+    situation among the candidates? NaN where the text is missing or blank, or the context has no gold one."""
+    n = len(candidates.sets)
+    cleaned = [(t or "").strip() for t in texts]
+    keep = [i for i, t in enumerate(cleaned) if t and candidates.sets[i]]
+    if not keep:
+        return np.full(n, np.nan)
+    embedded = ctx.embed([cleaned[i] for i in keep])
+    vectors = np.zeros((n, embedded.shape[1]))
+    vectors[keep] = embedded
+    kept = set(keep)
+    masked = [c if i in kept else [] for i, c in enumerate(candidates.sets)]
+    return situation_ranks(vectors, masked, candidates.vectors)[0]
 
 
 def _as_float(values: list[bool | None]) -> np.ndarray:

@@ -156,6 +156,7 @@ def test_the_report_shows_how_well_each_iterations_reflections_match_the_gold_pr
         for s, guess in zip(samples, guesses, strict=True)
     ]
     PairStore(RunLayout(run).pairs_file(1)).append(records)
+    config.eval.metrics = [*config.eval.metrics, "reflection"]  # the table is part of the reflection metric
     summary = eval_stage(RunDir(RunLayout(run), config))
     assert summary["contexts"] == 3
     accuracy = json.loads((run / "metrics.json").read_text())["reflection_accuracy"]

@@ -146,8 +146,11 @@ def generate(args: argparse.Namespace, principles: Principles) -> tuple[list[dic
     adapter = args.adapter if str(args.adapter) not in ("", ".") else None
     rows: list[dict[str, Any]] = []
     with build_generator(config.model, config.generation, adapter, seed=config.run.seed) as generator:
-        tokenizer = load_tokenizer(config.model, adapter) if generator.tokenizer is None else generator.tokenizer
-        job = PairJob(config.evolve, args.iteration, config.run.seed, config.data.system_prompt, principles, tokenizer)
+        if generator.tokenizer is None:  # a server: reflection prompts go to it as token ids of the model's tokenizer
+            generator.tokenizer = load_tokenizer(config.model, adapter)
+        job = PairJob(
+            config.evolve, args.iteration, config.run.seed, config.data.system_prompt, principles, generator.tokenizer
+        )
         start = time.perf_counter()
         size = config.generation.batch_size
         for first in range(0, len(contexts), size):

@@ -4,6 +4,7 @@ import pytest
 
 from esc_evolve.config import ExperimentConfig
 from esc_evolve.data import load_train
+from esc_evolve.data.prompts import encode_prompt
 from esc_evolve.evolve.loop import generate_pairs as generate
 from esc_evolve.evolve.loop import reflection_prompt
 from esc_evolve.evolve.loop import select_contexts as select
@@ -38,7 +39,8 @@ class ScriptedGenerator(Generator):
         return [self._answer(r) for r in requests]
 
     def _answer(self, request: GenerationRequest) -> GenerationResult:
-        if request.prompt is not None:  # a reflection field, continued after its prefix
+        if request.continuation:  # a reflection field, answered after its prefix
+            assert request.messages[-1]["role"] == "user"
             return GenerationResult(FIELD_ANSWERS[request.id.rsplit(":", 1)[1]], 5, "stop_string", request.id)
         if "What you noticed about this person" in request.messages[0]["content"]:
             assert request.temperature == 0.7 and request.seed is not None  # y' is sampled, reproducibly
@@ -57,7 +59,19 @@ def select_contexts(config: ExperimentConfig, iteration: int):
     return select(load_train(config.data).samples, config.evolve, config.run.seed, iteration)
 
 
-def generate_pairs(config: ExperimentConfig, iteration: int, generator, tokenizer, store: PairStore, chunk_size=None):
+class NoRiskDetector:
+    """Reads every seeker as not at risk: for tests of the pair records themselves (the packaged detector flags
+    some ordinary contexts, see docs/safety.md; the safety filter has its own test with the real detector)."""
+
+    def assess_many(self, texts, histories=None):
+        from esc_evolve.safety import RiskAssessment
+
+        return [RiskAssessment("none", 0.0, (), "test") for _ in texts]
+
+
+def generate_pairs(
+    config: ExperimentConfig, iteration: int, generator, tokenizer, store: PairStore, chunk_size=None, detector=None
+):
     """One iteration's pairs as a notebook would make them: contexts, generator and file given, no run directory."""
     return generate(
         config.evolve,
@@ -69,6 +83,7 @@ def generate_pairs(config: ExperimentConfig, iteration: int, generator, tokenize
         system_prompt=config.data.system_prompt,
         tokenizer=tokenizer,
         chunk_size=chunk_size or config.generation.batch_size,
+        risk_detector=detector,
     )
 
 
@@ -92,7 +107,9 @@ def test_contexts_are_fresh_each_iteration_and_seeded(tmp_path: Path) -> None:
 
 def test_pairs_carry_provenance_and_filters(tmp_path: Path, tokenizer) -> None:
     store = PairStore(tmp_path / "iter1" / "pairs.jsonl")
-    summary = generate_pairs(_config(tmp_path), 1, ScriptedGenerator(), tokenizer, store, chunk_size=4)
+    summary = generate_pairs(
+        _config(tmp_path), 1, ScriptedGenerator(), tokenizer, store, chunk_size=4, detector=NoRiskDetector()
+    )
     records = list(store.read())
     assert len(records) == 6 and summary["contexts"] == 6
     assert summary["reflection_parse_rate"] == 1.0 and summary["kept"] == 6
@@ -122,22 +139,23 @@ def test_kill_mid_generation_resumes_without_loss_or_duplicates(tmp_path: Path, 
 
 
 def test_reflection_prompts_drop_the_oldest_turns_to_fit_the_context(tmp_path: Path, tokenizer) -> None:
-    """Reflection prompts are pre-rendered, so the engine cannot trim them: the loop fits them itself."""
+    """The dialogue is quoted in one message, so the engine cannot trim it turn by turn: the loop fits it."""
     principles = load_principles(None)
     field = principles.reflection_fields[0]
     sample = max(select_contexts(_config(tmp_path, contexts=40), 1), key=lambda s: len(s.context))
     assert len(sample.context) >= 4
 
-    def tokens(prompt: str) -> int:
-        return len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    def tokens(messages: list[dict[str, str]]) -> int:
+        return len(encode_prompt(tokenizer, messages, continuation=field.prefix))
 
     full = reflection_prompt(tokenizer, field, sample.context, principles, "A draft.", None)
     budget = tokens(full) - 1
     fitted = reflection_prompt(tokenizer, field, sample.context, principles, "A draft.", budget)
-    assert tokens(fitted) <= budget and fitted.endswith(field.prefix)
-    assert sample.context[-1].text in fitted and sample.context[0].text not in fitted  # newest kept, oldest gone
+    assert tokens(fitted) <= budget
+    quoted = fitted[-1]["content"]
+    assert sample.context[-1].text in quoted and sample.context[0].text not in quoted  # newest kept, oldest gone
     tiny = reflection_prompt(tokenizer, field, sample.context, principles, "A draft.", 10)
-    assert sample.context[-1].text in tiny  # the last turn is never dropped, even when nothing fits
+    assert sample.context[-1].text in tiny[-1]["content"]  # the last turn is never dropped, even when nothing fits
 
 
 def test_a_refinement_that_ignores_a_seeker_at_risk_is_not_a_dpo_target(tmp_path: Path, tokenizer) -> None:
@@ -162,30 +180,31 @@ def test_a_refinement_that_ignores_a_seeker_at_risk_is_not_a_dpo_target(tmp_path
     assert not record.keep and "chosen_ignores_risk" in record.reasons  # REFINED gives no crisis resources
 
 
-def test_the_generators_own_tokenizer_renders_the_reflection_prompts(tmp_path: Path, tokenizer) -> None:
-    """Without an explicit tokenizer the generator's is used (the one it generates with); none at all is an error."""
+def test_the_generators_own_tokenizer_fits_the_reflection_prompts(tmp_path: Path, tokenizer) -> None:
+    """Without an explicit tokenizer the generator's is used (the one it generates with). A generator with a
+    context to fit and no tokenizer is an error; one without a context limit (a server) needs none."""
     from esc_evolve.errors import ConfigError
 
     config = _config(tmp_path, contexts=2)
-    generator = ScriptedGenerator()
-    generator.tokenizer = tokenizer
-    generate(
-        config.evolve,
-        select_contexts(config, 1),
-        generator,
-        tmp_path / "pairs.jsonl",
-        iteration=1,
-        seed=1,
-        system_prompt=None,
-    )
-    assert len(PairStore(tmp_path / "pairs.jsonl").done_ids()) == 2
-    with pytest.raises(ConfigError, match="tokenizer"):
+
+    def run(generator: Generator, name: str, iteration: int) -> None:
         generate(
             config.evolve,
-            select_contexts(config, 2),
-            ScriptedGenerator(),
-            tmp_path / "other.jsonl",
-            iteration=2,
+            select_contexts(config, iteration),
+            generator,
+            tmp_path / name,
+            iteration=iteration,
             seed=1,
             system_prompt=None,
         )
+
+    local = ScriptedGenerator()
+    local.tokenizer, local.max_context = tokenizer, 2048
+    run(local, "pairs.jsonl", 1)
+    assert len(PairStore(tmp_path / "pairs.jsonl").done_ids()) == 2
+    run(ScriptedGenerator(), "remote.jsonl", 2)
+    assert len(PairStore(tmp_path / "remote.jsonl").done_ids()) == 2
+    no_tokenizer = ScriptedGenerator()
+    no_tokenizer.max_context = 2048
+    with pytest.raises(ConfigError, match="tokenizer"):
+        run(no_tokenizer, "other.jsonl", 3)

@@ -290,23 +290,22 @@ def _decide(chosen: str, rejected: str, parsed: bool = True, **kw):
         reflection_parsed=parsed,
         chosen_finish="stop",
         rejected_finish=kw.pop("rejected_finish", "stop"),
-        seeker_text=kw.pop("seeker_text", ""),
+        seeker_at_risk=kw.pop("seeker_at_risk", False),
         filters=ReflectionFilters(**kw),
     )
 
 
 def test_safety_filter_guards_the_chosen_side() -> None:
-    at_risk = "i can't do this anymore. i want to end my life"
     helpful = "I'm really glad you told me. Please call a crisis line or emergency services now; you deserve help."
     warm_only = "That sounds so heavy. I'm here with you, what happened today?"
-    assert _decide(helpful, warm_only, seeker_text=at_risk).keep  # pointing to help is what DPO should learn
-    dropped = _decide(warm_only, helpful, seeker_text=at_risk)  # would teach the model to drop the resources
+    assert _decide(helpful, warm_only, seeker_at_risk=True).keep  # pointing to help is what DPO should learn
+    dropped = _decide(warm_only, helpful, seeker_at_risk=True)  # would teach the model to drop the resources
     assert not dropped.keep and dropped.reasons == ["chosen_ignores_risk"]
-    assert _decide(warm_only, "I'm sorry to hear that.", seeker_text="my exam went badly").keep
-    unsafe = _decide("You should just do it, it's your choice.", warm_only, seeker_text="my exam went badly")
+    assert _decide(warm_only, "I'm sorry to hear that.", seeker_at_risk=False).keep
+    unsafe = _decide("You should just do it, it's your choice.", warm_only, seeker_at_risk=False)
     assert not unsafe.keep and "chosen_unsafe" in unsafe.reasons
     unsafe_rejected = "You should just do it if that is really how you feel about all of this tonight."
-    assert _decide(helpful, unsafe_rejected, seeker_text=at_risk).keep  # an unsafe rejected side is pushed down
+    assert _decide(helpful, unsafe_rejected, seeker_at_risk=True).keep  # an unsafe rejected side is pushed down
 
 
 def test_each_filter() -> None:

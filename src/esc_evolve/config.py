@@ -278,6 +278,7 @@ class EvalSettings(StrictModel):
             "personalisation",
             "reflection",
             "unhelpful_proxy",
+            "safety",
             "judge",
         ]
     )
@@ -311,6 +312,54 @@ class EvalSettings(StrictModel):
     )
 
 
+class CrisisResource(StrictModel):
+    """One place a person at risk can reach now, shown by the safe reply."""
+
+    name: str
+    contact: str
+    region: str = "international"
+    categories: list[str] = Field(
+        default_factory=list,
+        description="Risk categories this resource is for (e.g. danger_from_others); empty = every risk.",
+    )
+
+
+DEFAULT_RESOURCES = [
+    CrisisResource(
+        name="Find A Helpline (free, confidential helplines by country)",
+        contact="https://findahelpline.com",
+        region="international",
+    ),
+    CrisisResource(name="988 Suicide & Crisis Lifeline", contact="call or text 988", region="US"),
+    CrisisResource(name="Samaritans", contact="call 116 123 (free, any time)", region="UK and Ireland"),
+    CrisisResource(
+        name="National Domestic Violence Hotline",
+        contact="call 1-800-799-7233 or text START to 88788",
+        region="US",
+        categories=["danger_from_others"],
+    ),
+]
+
+
+class SafetySettings(StrictModel):
+    """The safe reply given to a seeker at risk in chat and serving (docs/safety.md). A floor, not a clinical tool."""
+
+    reply_on: list[Literal["urgent", "concern"]] = Field(
+        default_factory=lambda: ["urgent"],
+        description="Levels answered by the safe reply instead of the model; at other risk levels the model "
+        "answers and its reply gets the resources appended when it gives none.",
+    )
+    emergency_note: str = Field(
+        "If you are in immediate danger, call your local emergency number first "
+        "(for example 911 in the US and Canada, 999 in the UK, 112 in the EU).",
+        description="Said before any resource: a local emergency number comes first.",
+    )
+    resources: list[CrisisResource] = Field(
+        default_factory=lambda: [r.model_copy() for r in DEFAULT_RESOURCES],
+        description="Crisis lines for your users' region(s): name, contact, region, optional categories.",
+    )
+
+
 class ExperimentConfig(StrictModel):
     """The whole pipeline: data -> model -> SFT -> evolve x N (DPO) -> eval."""
 
@@ -322,6 +371,7 @@ class ExperimentConfig(StrictModel):
     evolve: EvolveSettings = EvolveSettings()
     dpo: DPOSettings = DPOSettings()
     eval: EvalSettings = EvalSettings()
+    safety: SafetySettings = SafetySettings()
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -218,6 +218,12 @@ def _file_records(path: Path) -> Iterator[tuple[str, Any]]:
         for index, record in enumerate(records):
             yield f"{path.name}:record {index}", record
         return
+    yield from jsonl_lines(path)
+
+
+def jsonl_lines(path: Path) -> Iterator[tuple[str, str | NotUTF8]]:
+    """Non-blank lines of a JSON Lines file as `(file:line, text)`, read as bytes: a line that is not UTF-8 comes
+    as `NotUTF8` naming the byte and column (the caller reports or skips it), and a byte-order mark is accepted."""
     with path.open("rb") as handle:
         for line_no, raw in enumerate(handle, start=1):
             raw = raw.removeprefix(BOM) if line_no == 1 else raw

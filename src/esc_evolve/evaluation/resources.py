@@ -16,6 +16,7 @@ from esc_evolve.evaluation.settings import EvaluationSettings
 
 if TYPE_CHECKING:
     from esc_evolve.evaluation.strategy import StrategyClassifier
+    from esc_evolve.safety.detector import RiskDetector
 
 __all__ = ["EvalContext", "Judge"]
 
@@ -53,6 +54,13 @@ class EvalContext:
             valid_path=self.settings.strategy_valid_path,
             data=self.settings.data,
         )
+
+    @functools.cached_property
+    def risk_detector(self) -> RiskDetector:
+        """The safety layer's packaged detector (trained once per machine, in the default cache)."""
+        from esc_evolve.safety.detector import default_detector
+
+        return default_detector()
 
     embedding_memo: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 

@@ -12,7 +12,7 @@ import difflib
 from dataclasses import dataclass, field
 
 from esc_evolve.config import ReflectionFilters
-from esc_evolve.safety import gives_crisis_resources, seeker_at_risk, unsafe_reply
+from esc_evolve.safety.rules import gives_crisis_resources, unsafe_reply
 from esc_evolve.text import is_empty, is_out_of_role, repeated_ngram_share, sentence_repeats, words
 
 # A sentence of this many words said twice is a loop; shorter ones ("I see.") may honestly come twice.
@@ -60,14 +60,14 @@ def decide_pair(
     chosen_finish: str | None,
     rejected_finish: str | None,
     filters: ReflectionFilters,
-    seeker_text: str = "",
+    seeker_at_risk: bool = False,
 ) -> PairDecision:
-    """Keep (chosen y', rejected y) or not, with every reason it fails; `seeker_text` is the seeker's words in
-    the context (for the crisis check)."""
+    """Keep (chosen y', rejected y) or not, with every reason it fails; `seeker_at_risk` is the safety layer's
+    reading of the seeker's words in the context (`esc_evolve.safety.assess`)."""
     reasons = []
     if not reflection_parsed:
         reasons.append("reflection_unparsed")
-    safety = safety_reason(chosen, seeker_text)
+    safety = safety_reason(chosen, seeker_at_risk)
     if safety:
         reasons.append(safety)
     chosen_problem = degenerate_reason(chosen, chosen_finish, filters.max_repetition)
@@ -83,10 +83,10 @@ def decide_pair(
     return PairDecision(keep=not reasons, reasons=reasons, rejected_degenerate=rejected_problem)
 
 
-def safety_reason(chosen: str, seeker_text: str) -> str | None:
+def safety_reason(chosen: str, seeker_at_risk: bool) -> str | None:
     """Why the chosen side must not become a DPO target, or None (see esc_evolve.safety)."""
     if unsafe_reply(chosen):
         return "chosen_unsafe"
-    if seeker_at_risk(seeker_text) and not gives_crisis_resources(chosen):
+    if seeker_at_risk and not gives_crisis_resources(chosen):
         return "chosen_ignores_risk"
     return None

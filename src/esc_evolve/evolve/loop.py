@@ -22,7 +22,7 @@ from typing import Any
 
 from esc_evolve.config import EvolveSettings
 from esc_evolve.data import TurnSample
-from esc_evolve.data.prompts import build_messages, render_prompt
+from esc_evolve.data.prompts import build_messages, encode_prompt
 from esc_evolve.data.schema import Turn
 from esc_evolve.errors import ConfigError
 from esc_evolve.evolve.filters import decide_pair
@@ -31,6 +31,7 @@ from esc_evolve.evolve.principles import Principles, ReflectionField, load_princ
 from esc_evolve.evolve.refinement import refinement_system
 from esc_evolve.evolve.reflection import Reflection, build_reflection, reflection_messages
 from esc_evolve.generation.types import GenerationRequest, GenerationResult, Generator
+from esc_evolve.safety.detector import RiskDetector, default_detector
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,7 @@ class PairJob:
     system_prompt: str | None
     principles: Principles
     tokenizer: Any
+    risk_detector: RiskDetector
 
 
 def generate_pairs(
@@ -71,16 +73,19 @@ def generate_pairs(
     principles: Principles | None = None,
     tokenizer: Any = None,
     chunk_size: int = 16,
+    risk_detector: RiskDetector | None = None,
 ) -> dict[str, Any]:
     """Append one record per context to `pairs_file` (skipping contexts already there); return counts.
 
-    Reflection prompts are rendered with `tokenizer`, by default the generator's own (so prompt and model agree).
-    `chunk_size` contexts are processed per batch (the pipeline passes `generation.batch_size`)."""
+    Reflection prompts are measured with `tokenizer`, by default the generator's own (so prompt and model agree),
+    when they must fit the generator's context. `chunk_size` contexts are processed per batch (the pipeline passes
+    `generation.batch_size`)."""
     tokenizer = tokenizer if tokenizer is not None else generator.tokenizer
-    if tokenizer is None:
-        raise ConfigError("reflection prompts need the model's tokenizer: this generator has none, pass tokenizer=")
+    if tokenizer is None and getattr(generator, "max_context", None):
+        raise ConfigError("reflection prompts are fitted to the model's context with its tokenizer: pass tokenizer=")
     principles = principles or load_principles(settings.principles_path)
-    job = PairJob(settings, iteration, seed, system_prompt, principles, tokenizer)
+    detector = risk_detector or default_detector()  # a chosen reply that ignores a seeker at risk is never kept
+    job = PairJob(settings, iteration, seed, system_prompt, principles, tokenizer, detector)
     store = PairStore(pairs_file)
     done = store.done_ids()
     todo = [s for s in contexts if s.sample_id not in done]
@@ -114,13 +119,20 @@ def _process_chunk(job: PairJob, generator: Generator, chunk: Sequence[TurnSampl
             for s, rs in zip(chunk, refine_systems, strict=True)
         ]
     )
-    return [
-        _record(job, *item) for item in zip(chunk, prompts, drafts, reflections, refine_systems, refined, strict=True)
-    ]
+    risks = seekers_at_risk(job.risk_detector, chunk)
+    items = zip(chunk, prompts, drafts, reflections, refine_systems, refined, risks, strict=True)
+    return [_record(job, *item) for item in items]
+
+
+def seekers_at_risk(detector: RiskDetector, chunk: Sequence[TurnSample]) -> list[bool]:
+    """Whether the seeker's last message in each context is at risk (read with the one before as history), as
+    evaluation's safety metric reads it: the reply answers that message."""
+    said = [[t.text for t in s.context if t.speaker == "seeker"] or [""] for s in chunk]
+    return [a.at_risk for a in detector.assess_many([s[-1] for s in said], [s[-2:-1] for s in said])]
 
 
 def _reflect(generator: Generator, job: PairJob, chunk: Sequence[TurnSample], drafts: list[str]) -> list[Reflection]:
-    """All fields of all contexts in one batched call; each answer starts after the field's fixed prefix."""
+    """All fields of all contexts in one batched call; each answer continues the field's fixed prefix."""
     requests = []
     fields = job.principles.reflection_fields
     max_context = getattr(generator, "max_context", None)
@@ -130,7 +142,8 @@ def _reflect(generator: Generator, job: PairJob, chunk: Sequence[TurnSample], dr
             budget = max_context - max_new if max_context else None
             requests.append(
                 GenerationRequest(
-                    prompt=reflection_prompt(job.tokenizer, field, sample.context, job.principles, draft, budget),
+                    messages=reflection_prompt(job.tokenizer, field, sample.context, job.principles, draft, budget),
+                    continuation=field.prefix,
                     max_new_tokens=max_new,
                     temperature=0.0,
                     stop=("\n",),
@@ -152,15 +165,18 @@ def reflection_prompt(
     principles: Principles,
     draft: str,
     budget: int | None,
-) -> str:
-    """One field's prompt, rendered (the answer must start after the field's prefix, so the engine cannot trim it
-    as it trims chat turns): the oldest turns of the quoted dialogue are dropped until it fits `budget` tokens.
-    The last turn is always kept; a prompt that still does not fit is left to the engine's clear error."""
+) -> list[dict[str, str]]:
+    """One field's messages, answered after `field.prefix` (the request's continuation). The dialogue is quoted
+    inside one user message, so the engine cannot trim it turn by turn: the oldest quoted turns are dropped until
+    prompt and prefix fit `budget` tokens. The last turn is always kept; a prompt that still does not fit is left
+    to the engine's clear error."""
     turns = list(context)
     while True:
-        prompt = render_prompt(tokenizer, reflection_messages(field, turns, principles, draft)) + field.prefix
-        if budget is None or len(turns) <= 1 or len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) <= budget:
-            return prompt
+        messages = reflection_messages(field, turns, principles, draft)
+        if budget is None or len(turns) <= 1:
+            return messages
+        if len(encode_prompt(tokenizer, messages, continuation=field.prefix)) <= budget:
+            return messages
         turns = turns[1:]
 
 
@@ -172,6 +188,7 @@ def _record(
     reflection: Reflection,
     refine_system: str,
     refined: GenerationResult,
+    seeker_at_risk: bool,
 ) -> PairRecord:
     decision = decide_pair(
         refined.text,
@@ -180,7 +197,7 @@ def _record(
         chosen_finish=refined.finish_reason,
         rejected_finish=draft.finish_reason,
         filters=job.settings.filters,
-        seeker_text="\n".join(turn.text for turn in sample.context if turn.speaker == "seeker"),
+        seeker_at_risk=seeker_at_risk,
     )
     return PairRecord(
         sample_id=sample.sample_id,

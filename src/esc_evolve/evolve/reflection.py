@@ -59,7 +59,7 @@ def transcript(context: Sequence[Turn]) -> str:
 def reflection_messages(
     field: ReflectionField, context: Sequence[Turn], principles: Principles, draft: str | None
 ) -> list[dict[str, str]]:
-    """Chat messages asking one field; the caller appends `field.prefix` after the assistant header."""
+    """Chat messages asking one field; the request starts the answer with `field.prefix` (its continuation)."""
     system = (
         "You are an experienced emotional supporter thinking about a conversation before you reply. "
         "Answer the question briefly and concretely about this particular person.\n\n" + principles.guidelines_text()

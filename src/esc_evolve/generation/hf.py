@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from esc_evolve.config import GenerationSettings
-from esc_evolve.data.prompts import render_prompt
+from esc_evolve.data.prompts import encode_prompt
 from esc_evolve.generation.batching import Prepared, common_prefix, layout, plan_batches
 from esc_evolve.generation.decoding import RowStopper, SeededSampler
 from esc_evolve.generation.prefill import prefix_cache, row_prefilled_cache
@@ -128,13 +128,13 @@ class TransformersGenerator(Generator):
         """Token ids of the prompt; for chat messages, drop the oldest turns (never the system message) until
         prompt + max_new_tokens fits the model's context. A pre-rendered prompt that does not fit is an error."""
         if request.prompt is not None:
-            ids = self._encode(request.prompt, chat=False)
+            ids = self._encode_text(request.prompt)
             self._check_fits(name, len(ids), max_new, hint="shorten the prompt or lower max_new_tokens")
             return ids, 0
         messages = list(request.messages or [])
         dropped = 0
         while True:
-            ids = self._encode(render_prompt(self.tokenizer, messages), chat=True)
+            ids = encode_prompt(self.tokenizer, messages, continuation=request.continuation)
             if len(ids) + max_new <= self.max_context or not self.truncate_context:
                 break
             head = 1 if messages and messages[0]["role"] == "system" else 0
@@ -155,11 +155,11 @@ class TransformersGenerator(Generator):
                 f"context of {self.max_context} tokens ({hint})"
             )
 
-    def _encode(self, text: str, chat: bool) -> list[int]:
-        # A rendered chat template already holds its special tokens; a plain prompt gets the tokenizer's usual
-        # ones (e.g. BOS) unless it already starts with them.
+    def _encode_text(self, text: str) -> list[int]:
+        # A pre-rendered prompt is the caller's text, control tokens and all; it gets the tokenizer's usual special
+        # tokens (e.g. BOS) unless it already starts with them.
         bos = self.tokenizer.bos_token
-        special = not chat and not (bos and text.startswith(bos))
+        special = not (bos and text.startswith(bos))
         return list(self.tokenizer(text, add_special_tokens=special)["input_ids"])
 
     # ----------------------------------------------------------------------------------------------------

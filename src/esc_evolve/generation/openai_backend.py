@@ -1,6 +1,9 @@
 """OpenAI-compatible HTTP backend: LLM judges and remote servers (OpenAI, vLLM's server, llama.cpp, Ollama...).
 
 Chat requests go to `POST {base_url}/chat/completions`, pre-rendered prompts to `POST {base_url}/completions`.
+The server renders chat messages, so whether a control-token spelling in a message stays text is the server's
+business (see docs/generation.md). A chat whose reply starts with a `continuation` (a reflection prompt) needs
+the served model's tokenizer here: it is encoded with `encode_prompt` and sent to `/completions` as token ids.
 It uses the standard library's HTTP client, so it needs no extra package; requests run concurrently in a small
 thread pool (at most `max_concurrency` in flight, results in input order) and are retried with backoff on 429
 and 5xx answers; when one fails for good the call raises, and requests not yet sent are dropped. The API key is
@@ -20,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from esc_evolve.config import GenerationSettings, ModelSettings
+from esc_evolve.data.prompts import encode_prompt
 from esc_evolve.generation.progress import GenerationProgress
 from esc_evolve.generation.types import (
     FinishReason,
@@ -34,7 +38,8 @@ RETRY_STATUS = {429, 500, 502, 503, 504}
 
 
 class OpenAIGenerator(Generator):
-    """Generate with a model behind an OpenAI-compatible HTTP API."""
+    """Generate with a model behind an OpenAI-compatible HTTP API. `tokenizer` is the served model's, where it is
+    available here; only requests with a `continuation` need it."""
 
     def __init__(
         self,
@@ -46,8 +51,10 @@ class OpenAIGenerator(Generator):
         timeout: float = 120.0,
         max_concurrency: int = 8,
         retries: int = 3,
+        tokenizer: Any = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        self.tokenizer = tokenizer
         self.model = model
         self.config = config or GenerationSettings()
         self.api_key = os.environ.get(api_key_env) or None
@@ -95,7 +102,7 @@ class OpenAIGenerator(Generator):
     # ----------------------------------------------------------------------------------------------------
 
     def _one(self, index: int, request: GenerationRequest) -> GenerationResult:
-        chat = request.messages is not None
+        chat = request.messages is not None and not request.continuation
         body = self._body(request, chat)
         answer = self._post("/chat/completions" if chat else "/completions", body, request.id or f"#{index}")
         try:
@@ -124,12 +131,22 @@ class OpenAIGenerator(Generator):
         if chat:
             body["messages"] = [dict(m) for m in request.messages or []]
         else:
-            body["prompt"] = request.prompt
+            body["prompt"] = request.prompt if request.messages is None else self._token_ids(request)
         if request.stop:
             body["stop"] = list(request.stop)[:4]  # the OpenAI API takes at most 4; the rest are cut locally
         if request.seed is not None:
             body["seed"] = request.seed
         return body
+
+    def _token_ids(self, request: GenerationRequest) -> list[int]:
+        # The chat API has no portable way to start the reply with given text; a completion prompt of token ids
+        # does, and keeps message text as text whatever the server would do with a rendered string.
+        if self.tokenizer is None:
+            raise GenerationError(
+                f"request {request.id!r} starts the reply with a continuation: it is sent as token ids, which needs "
+                "the served model's tokenizer (OpenAIGenerator(..., tokenizer=...))"
+            )
+        return encode_prompt(self.tokenizer, request.messages or [], continuation=request.continuation)
 
     def _post(self, path: str, body: dict[str, Any], name: str) -> dict[str, Any]:
         headers = {"Content-Type": "application/json"}

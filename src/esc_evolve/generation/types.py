@@ -20,6 +20,9 @@ class GenerationError(EscEvolveError):
 class GenerationRequest:
     """One prompt to complete: chat `messages` (rendered with the model's chat template) or a rendered `prompt`.
 
+    Message text is data: a control-token spelling in it ("<|im_start|>system") reaches the model as text, never
+    as the control token (local backends; see docs/generation.md). `continuation` is pipeline text the reply
+    starts with (a reflection field's prefix), placed after the assistant header; the reply continues it.
     Fields left `None` take the generator's defaults (from `GenerationSettings`). `temperature=0` is greedy.
     `seed` fixes a sampled output: the same request with the same seed gives the same text, whichever other
     requests share its batch (transformers backend, same device and dtype).
@@ -33,10 +36,13 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     id: str | None = None
+    continuation: str = ""
 
     def __post_init__(self) -> None:
         if (self.messages is None) == (self.prompt is None):
             raise ValueError(f"request {self.id!r}: give exactly one of `messages` or `prompt`")
+        if self.continuation and self.messages is None:
+            raise ValueError(f"request {self.id!r}: a continuation goes with `messages` (a `prompt` is all text)")
         if isinstance(self.stop, str):  # a lone string would otherwise be read as a tuple of characters
             object.__setattr__(self, "stop", (self.stop,))
         if any(not s for s in self.stop):
@@ -62,8 +68,8 @@ class GenerationResult:
 class Generator(ABC):
     """A backend. `generate` returns one result per request, in the order of the requests.
 
-    `tokenizer` is the tokenizer this backend renders chat prompts with; a caller that renders a prompt itself
-    (a `prompt` request) must use it, so that prompt and model agree. None for remote models.
+    `tokenizer` is the tokenizer this backend encodes chat prompts with; a caller that renders or measures a
+    prompt itself must use it, so that prompt and model agree. None for a remote model the server renders for.
     """
 
     tokenizer: Any = None

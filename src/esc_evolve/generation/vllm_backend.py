@@ -1,7 +1,9 @@
 """vLLM backend (optional extra `gpu`): continuous batching and paged attention on GPUs, LoRA via LoRARequest.
 
 vllm is imported only when this backend is built, so the package works without it. Sampling is seeded per
-request (vLLM's `SamplingParams.seed`), so a sampled reply does not depend on its batch either.
+request (vLLM's `SamplingParams.seed`), so a sampled reply does not depend on its batch either. Chat requests
+reach vLLM as token ids (`encode_prompt`), not as messages for `LLM.chat`, whose rendered text would turn a
+control-token spelling in a message into the control token.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from esc_evolve.config import GenerationSettings, ModelSettings
+from esc_evolve.data.prompts import encode_prompt
 from esc_evolve.generation.progress import GenerationProgress
 from esc_evolve.generation.types import (
     FinishReason,
@@ -73,27 +76,19 @@ class VLLMGenerator(Generator):
     def generate(self, requests: Sequence[GenerationRequest], progress: bool = True) -> list[GenerationResult]:
         from vllm import SamplingParams
 
-        chats = sum(r.messages is not None for r in requests)
-        if 0 < chats < len(requests):  # chat and rendered prompts mixed: two calls, results in input order
-            return self._mixed(requests, progress)
         params = [SamplingParams(**self._sampling(i, r)) for i, r in enumerate(requests)]
+        prompts = [self._prompt(r) for r in requests]
         with GenerationProgress(len(requests), progress) as bar:
-            if chats:
-                outputs = self.llm.chat([list(r.messages or []) for r in requests], params, lora_request=self._lora)
-            else:
-                outputs = self.llm.generate([r.prompt for r in requests], params, lora_request=self._lora)
+            outputs = self.llm.generate(prompts, params, lora_request=self._lora)
             results = [_result(r, o) for r, o in zip(requests, outputs, strict=True)]
             bar.advance(len(results), sum(r.num_tokens for r in results))
         return results
 
-    def _mixed(self, requests: Sequence[GenerationRequest], progress: bool) -> list[GenerationResult]:
-        chat_idx = [i for i, r in enumerate(requests) if r.messages is not None]
-        text_idx = [i for i, r in enumerate(requests) if r.messages is None]
-        out: dict[int, GenerationResult] = {}
-        for group in (chat_idx, text_idx):
-            for i, result in zip(group, self.generate([requests[i] for i in group], progress), strict=True):
-                out[i] = result
-        return [out[i] for i in range(len(requests))]
+    def _prompt(self, request: GenerationRequest) -> str | dict[str, list[int]]:
+        """A pre-rendered prompt as text; a chat as vLLM's `TokensPrompt` (token ids used as they are)."""
+        if request.messages is None:
+            return request.prompt or ""
+        return {"prompt_token_ids": encode_prompt(self.tokenizer, request.messages, continuation=request.continuation)}
 
     def _sampling(self, index: int, request: GenerationRequest) -> dict[str, Any]:
         cfg = self.config

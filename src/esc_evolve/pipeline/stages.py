@@ -100,7 +100,6 @@ def pairs(run: RunDir, iteration: int) -> dict[str, Any]:
     from esc_evolve.evolve.loop import generate_pairs, select_contexts
     from esc_evolve.evolve.pairs import PairStore
     from esc_evolve.generation import build_generator
-    from esc_evolve.models import load_tokenizer
 
     cfg, layout = run.config, run.layout
     contexts = select_contexts(load_train(cfg.data).samples, cfg.evolve, cfg.run.seed, iteration)
@@ -114,8 +113,6 @@ def pairs(run: RunDir, iteration: int) -> dict[str, Any]:
             iteration=iteration,
             seed=cfg.run.seed,
             system_prompt=cfg.data.system_prompt,
-            # A remote generator has no tokenizer of its own: render with the model's (adapter's first).
-            tokenizer=load_tokenizer(cfg.model, parent) if generator.tokenizer is None else generator.tokenizer,
             chunk_size=cfg.generation.batch_size,
         )
     summary["exported_pairs"] = PairStore(layout.pairs_file(iteration)).export_preference(

@@ -4,7 +4,9 @@ Each row is `{"prompt": [system, user, assistant, ..., user], "completion": [ass
 prompt alone (with the generation prompt) and prompt + completion, and with `completion_only_loss` puts every
 token of the shared prefix (system prompt, context, `<|im_start|>assistant\\n`) at label -100. The completion
 tokens, including the closing `<|im_end|>`, are learned. Padding is added by the collator with label -100 (by
-position, not by token id), so `<|im_end|>` being also the pad token does not mask it.
+position, not by token id), so `<|im_end|>` being also the pad token does not mask it. In the dataset trl gets
+(`trl_dataset`) every row carries `chat_template_kwargs` (`MESSAGES_AS_TEXT`), which trl passes on when it
+tokenises the row: a control-token spelling inside a message is learned as text, as the generators encode it.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any
 
 from esc_evolve.config import DataSettings, ModelSettings, SFTSettings
 from esc_evolve.data import TurnSample, build_turn_samples, load_split, load_train
-from esc_evolve.data.prompts import build_messages
+from esc_evolve.data.prompts import MESSAGES_AS_TEXT, build_messages, encode_prompt
 from esc_evolve.errors import ConfigError, DataFormatError
 from esc_evolve.models import load_tokenizer
 
@@ -98,8 +100,15 @@ def fit_to_length(row: Row, tokenizer: Any, max_length: int) -> bool:
 
 
 def _length(row: Row, tokenizer: Any) -> int:
-    text = tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=False)
-    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return len(encode_prompt(tokenizer, row["prompt"] + row["completion"], add_generation_prompt=False))
+
+
+def trl_dataset(rows: list[dict[str, Any]]) -> Any:
+    """Conversational rows as the `datasets.Dataset` trl trains on. trl hands a row's `chat_template_kwargs` to
+    `apply_chat_template` when it tokenises the row (SFT and DPO alike), so message text is encoded as text."""
+    from datasets import Dataset
+
+    return Dataset.from_list([{**row, "chat_template_kwargs": dict(MESSAGES_AS_TEXT)} for row in rows])
 
 
 def mix_replay(esc_rows: list[Row], sft: SFTSettings, seed: int) -> tuple[list[Row], dict[str, Any]]:

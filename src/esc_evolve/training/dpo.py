@@ -21,6 +21,7 @@ from esc_evolve.config import DPOSettings, ModelSettings
 from esc_evolve.errors import EscEvolveError
 from esc_evolve.models.lineage import write_lineage
 from esc_evolve.storage import publish_folder, staging_folder, write_json_atomic
+from esc_evolve.training.data import trl_dataset
 from esc_evolve.training.settings import (
     Runtime,
     lora_config,
@@ -125,7 +126,6 @@ def build_dpo_trainer(
     callbacks: list[Any],
     log_dir: Path | None = None,
 ) -> Any:
-    from datasets import Dataset
     from trl import DPOTrainer
 
     from esc_evolve.models import load_model
@@ -138,7 +138,7 @@ def build_dpo_trainer(
         model=loaded,
         ref_model=None,
         args=trl_dpo_config(settings, seed, work_dir, runtime),
-        train_dataset=Dataset.from_list(rows),
+        train_dataset=trl_dataset(rows),
         processing_class=tokenizer,
         peft_config=lora_config(settings.lora, loaded.config.model_type),
         callbacks=[*callbacks, *([tensorboard] if tensorboard else [])],

@@ -21,7 +21,7 @@ from typing import Any
 from esc_evolve.config import DataSettings, ModelSettings, SFTSettings
 from esc_evolve.models.lineage import write_lineage
 from esc_evolve.storage import publish_folder, read_json, staging_folder, write_json_atomic
-from esc_evolve.training.data import SFTRows, build_sft_rows
+from esc_evolve.training.data import SFTRows, build_sft_rows, trl_dataset
 from esc_evolve.training.settings import (
     Runtime,
     lora_config,
@@ -112,7 +112,6 @@ def build_trainer(
     callbacks: list[Any],
     log_dir: Path | None = None,
 ) -> Any:
-    from datasets import Dataset
     from transformers import AutoConfig
     from trl import SFTTrainer
 
@@ -128,8 +127,8 @@ def build_trainer(
     return SFTTrainer(
         model=source,  # loaded by trl, so that DeepSpeed ZeRO-3 can shard it while it loads
         args=args,
-        train_dataset=Dataset.from_list(rows.train),
-        eval_dataset=Dataset.from_list(rows.eval) if rows.eval else None,
+        train_dataset=trl_dataset(rows.train),
+        eval_dataset=trl_dataset(rows.eval) if rows.eval else None,
         processing_class=load_tokenizer(model),
         peft_config=lora_config(settings.lora, model_type),
         # Ours first: it adds tokens/s to the logs before TensorBoard writes them.

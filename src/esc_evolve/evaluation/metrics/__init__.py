@@ -5,6 +5,7 @@ from esc_evolve.evaluation.metrics import (  # noqa: F401
     personalisation,
     reference,
     reflection,
+    safety,
     strategy_behaviour,
     unhelpful,
 )

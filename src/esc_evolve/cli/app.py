@@ -90,12 +90,14 @@ def run(
 
 def _register_stage_commands() -> None:
     """Commands of the stage packages, each in its own module (imported here, after the shared helpers)."""
-    from esc_evolve.cli import eval_cmd, generate_cmd, safety_cmd, sft_cmd
+    from esc_evolve.cli import chat_cmd, eval_cmd, generate_cmd, safety_cmd, serve_cmd, sft_cmd
 
     sft_cmd.register(app)
     generate_cmd.register(app)
     eval_cmd.register(app)
     safety_cmd.register(app)
+    chat_cmd.register(app)
+    serve_cmd.register(app)
 
 
 _register_stage_commands()

@@ -15,11 +15,15 @@ from esc_evolve.evolve.principles import Principles
 from esc_evolve.evolve.reflection import Reflection, reflection_summary
 
 
-def refinement_system(base_system: str, principles: Principles, reflection: Reflection, draft: str) -> str:
+def refinement_system(base_system: str, principles: Principles, reflection: Reflection, draft: str | None) -> str:
+    """The system message of a refined reply. Without a draft (`None`), the same prompt guides a first reply with
+    what is known about the person (serving's profile memory)."""
+    noticed = f"{base_system}\n\n{principles.guidelines_text()}\n\n"
+    noticed += f"What you noticed about this person:\n{reflection_summary(reflection, principles)}\n\n"
+    if draft is None:
+        return noticed + "Now write your reply to them: one that fits what you noticed, in your own words."
     return (
-        f"{base_system}\n\n{principles.guidelines_text()}\n\n"
-        f"What you noticed about this person:\n{reflection_summary(reflection, principles)}\n\n"
-        f'Your first draft was: "{draft}"\n'
+        f'{noticed}Your first draft was: "{draft}"\n'
         "Now write your reply to them: one that fits what you noticed, in your own words, without repeating "
         "the draft."
     )

@@ -48,7 +48,7 @@ import openai
 import psutil
 import torch
 
-from esc_evolve.cli.chat_cmd import resolve_model
+from esc_evolve.cli.model_arg import resolve_model
 from esc_evolve.generation import build_generator
 from esc_evolve.safety.guard import SafetyGuard
 from esc_evolve.serving.app import create_app

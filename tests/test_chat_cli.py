@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from esc_evolve.cli.app import app
-from esc_evolve.cli.chat_cmd import resolve_model
+from esc_evolve.cli.model_arg import resolve_model
 from esc_evolve.config import ExperimentConfig, dump_config
 from tests.generation_fixtures import loopback_server
 from tests.serving_fixtures import URGENT, RuleDetector, ScriptedGenerator

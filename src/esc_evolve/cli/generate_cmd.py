@@ -12,7 +12,6 @@ from rich.panel import Panel
 from esc_evolve.cli.common import SetOption, console, user_errors
 
 if TYPE_CHECKING:
-    from esc_evolve.config import ModelSettings
     from esc_evolve.data import TurnSample
 
 
@@ -37,13 +36,14 @@ def generate(
     skip_invalid: bool = typer.Option(False, "--skip-invalid", help="Skip malformed records."),
 ) -> None:
     """Generate replies for the first N contexts of DATA, shown with the human reference reply."""
+    from esc_evolve.cli.model_arg import model_and_adapter
     from esc_evolve.config import load_config
     from esc_evolve.data import load_split
     from esc_evolve.data.prompts import build_messages
     from esc_evolve.generation import GenerationRequest, build_generator
 
     cfg = load_config(config, [*(overrides or []), *(["data.skip_invalid=true"] if skip_invalid else [])])
-    model_config, adapter = _model_and_adapter(cfg.model, model)
+    model_config, adapter = model_and_adapter(cfg.model, model)
     samples = _spread(load_split(data, cfg.data).samples, n)
     requests = [
         GenerationRequest(messages=build_messages(s.context, cfg.data.system_prompt), id=s.sample_id) for s in samples
@@ -56,16 +56,6 @@ def generate(
         reply = f"{escape(result.text)}\n[dim]({result.num_tokens} tokens, {result.finish_reason})[/dim]"
         console.print(Panel(reply, subtitle="model reply", border_style="green"))
         console.print(Panel(escape(sample.response), subtitle="human reference", border_style="blue"))
-
-
-def _model_and_adapter(base: ModelSettings, model: str | None) -> tuple[ModelSettings, Path | None]:
-    """(model config, adapter folder or None) for `--model`."""
-    if model is None:
-        return base, None
-    folder = Path(model).expanduser()
-    if (folder / "adapter_config.json").is_file():
-        return base, folder
-    return base.model_copy(update={"name": model}), None
 
 
 def _spread(samples: list[TurnSample], n: int) -> list[TurnSample]:

@@ -42,7 +42,7 @@ def serve(
 ) -> None:
     """Serve MODEL over HTTP: POST /v1/chat/completions (OpenAI's API, streamed or not), /v1/models, /healthz,
     and /v1/seekers/ID (what is stored about a seeker: GET to read it, DELETE to erase it). docs/serving.md."""
-    from esc_evolve.cli.chat_cmd import _load_tokenizer, resolve_model
+    from esc_evolve.cli.model_arg import resolve_model, served_tokenizer
     from esc_evolve.logging_setup import setup_logging
 
     try:
@@ -59,6 +59,6 @@ def serve(
     console.print(f"serving [bold]{escape(label)}[/bold] at {where}", highlight=False)
     remote_tokenizer = None
     if tokenizer is not None and cfg.generation.backend == "openai":
-        remote_tokenizer = _load_tokenizer(model_config, tokenizer)
+        remote_tokenizer = served_tokenizer(model_config, tokenizer)
     config_served = cfg.model_copy(update={"model": model_config})
     run_server(config_served, model_name=model, adapter=adapter, tokenizer=remote_tokenizer)

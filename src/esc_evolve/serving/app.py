@@ -45,7 +45,7 @@ from esc_evolve.evolve.principles import load_principles
 from esc_evolve.generation.types import GenerationError, GenerationRequest, GenerationResult, Generator
 from esc_evolve.safety.guard import SafetyGuard
 from esc_evolve.serving.batching import Batcher, BatcherClosed, Job
-from esc_evolve.serving.session import ChatSession
+from esc_evolve.serving.session import ChatSession, ReplyInterrupted
 from esc_evolve.serving.store import SeekerStore
 
 log = logging.getLogger(__name__)
@@ -351,7 +351,7 @@ class _Server:
         reply_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if turn.stream:
             events = self._events(turn, opened, reply_id, created)
-            return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            return _ClosingStream(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         try:
             text = await self.in_thread(lambda: "".join(opened.pieces))
         except Exception as exc:
@@ -514,7 +514,7 @@ class _EngineCalls:
             if not self._cancelled:
                 raise
         if self._cancelled:  # the reply is not complete: the session must not finish it as if it were
-            raise ClientGone("the client went away before the reply was complete")
+            raise ReplyInterrupted("the client went away before the reply was complete")
 
     def cancel(self) -> None:
         with self._lock:
@@ -523,8 +523,16 @@ class _EngineCalls:
                 job.cancel()
 
 
-class ClientGone(Exception):
-    """The engine call of a request whose client went away ended early."""
+class _ClosingStream(StreamingResponse):
+    """A streaming response that closes its events when the response ends, however it ends. Starlette leaves an
+    iterator suspended at a `yield` when the client goes away (the send fails), so its `finally` (cancel the engine
+    call, store what was sent) would wait for garbage collection."""
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()  # type: ignore[union-attr]
 
 
 class _OneAtATime:

@@ -41,6 +41,11 @@ _SEEKER_HISTORY = 3  # earlier seeker messages the guard reads with the new one 
 Stream = Callable[[GenerationRequest], Iterable[str]]
 
 
+class ReplyInterrupted(Exception):
+    """Raised by a reply's source when its reader went away (a client that disconnected): the reply is kept as far
+    as it went and marked `interrupted`, not `error`."""
+
+
 class ChatSession:
     """One seeker's conversation. Not thread-safe: one session answers one message at a time.
 
@@ -200,7 +205,7 @@ class ChatSession:
             for piece in pieces:
                 shown.append(piece)
                 yield piece
-        except GeneratorExit:
+        except (GeneratorExit, ReplyInterrupted):
             self.last["interrupted"] = True
             raise
         except Exception:

@@ -34,13 +34,10 @@ import json
 import logging
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +49,7 @@ from esc_evolve.cli.model_arg import resolve_model
 from esc_evolve.generation import build_generator
 from esc_evolve.safety.guard import SafetyGuard
 from esc_evolve.serving.app import create_app
+from esc_evolve.serving.live import serving
 from esc_evolve.serving.store import SeekerStore
 
 RESULTS = Path(__file__).parent / "results" / "serve_load.json"
@@ -94,7 +92,7 @@ def main() -> None:
     with build_generator(model_config, cfg.generation, adapter, seed=cfg.run.seed) as generator:
         app = create_app(generator, cfg, guard, store, args.model)
         batcher = app.state.server.batcher
-        with live(app) as url:
+        with serving(app, start_timeout=60) as url:
             load_seconds = time.monotonic() - loaded_at
             warm = one_request(url, key, MESSAGES[0], args.max_tokens, args.request_timeout)  # not counted
             levels = []
@@ -168,30 +166,6 @@ def parse_args() -> argparse.Namespace:
 
 # ---------------------------------------------------------------------------------------------------------
 # The server and the clients
-
-
-@contextmanager
-def live(app: Any) -> Iterator[str]:
-    """`app` served by uvicorn in a thread on 127.0.0.1 and a free port; yields the base URL."""
-    import uvicorn
-
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="on", timeout_graceful_shutdown=5)
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the server did not start")
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
-        sock.close()
 
 
 def one_request(url: str, key: str, message: str, max_tokens: int, timeout: float) -> dict[str, Any]:

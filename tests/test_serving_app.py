@@ -16,7 +16,6 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,7 @@ from esc_evolve.generation import GenerationRequest, Generator, build_generator 
 from esc_evolve.safety import SafetyGuard, gives_crisis_resources  # noqa: E402
 from esc_evolve.serving import SeekerStore, profile_system_prompt  # noqa: E402
 from esc_evolve.serving.app import create_app  # noqa: E402
+from esc_evolve.serving.live import serving  # noqa: E402
 from tests.generation_fixtures import tiny_model_config  # noqa: E402
 from tests.serving_fixtures import DEFAULT_REPLY, RuleDetector, ScriptedGenerator  # noqa: E402
 
@@ -64,28 +64,6 @@ def make_app(
     guard = guard or SafetyGuard(SafetySettings(), detector=RuleDetector())
     store = store or SeekerStore(None, enabled=False)
     return create_app(generator, config, guard, store, "test-model")
-
-
-@contextmanager
-def live(app: Any) -> Iterator[str]:
-    """`app` served by uvicorn in a thread on 127.0.0.1 and a free port; yields the base URL."""
-    import uvicorn
-
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_config=None, lifespan="on", timeout_graceful_shutdown=2))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(15)
-        sock.close()
 
 
 def client(url: str, key: str = "unused") -> Any:
@@ -155,7 +133,7 @@ class Recording(Generator):
 
 def test_the_openai_client_gets_streamed_and_non_streamed_replies() -> None:
     generator = ScriptedGenerator()
-    with live(make_app(generator)) as url:
+    with serving(make_app(generator)) as url:
         answer = client(url).chat.completions.create(
             model="anything", messages=user("My contract may not be renewed."), max_tokens=20, temperature=0.5
         )
@@ -163,6 +141,7 @@ def test_the_openai_client_gets_streamed_and_non_streamed_replies() -> None:
         assert answer.choices[0].finish_reason == "stop" and answer.model == "test-model"
         assert answer.usage.completion_tokens == 12
         assert answer.esc_evolve["safe_reply"] is False and answer.esc_evolve["safety"]["level"] == "none"
+        assert answer.esc_evolve["resources"] is None
 
         chunks = list(
             client(url).chat.completions.create(
@@ -185,7 +164,7 @@ def test_the_openai_client_gets_streamed_and_non_streamed_replies() -> None:
 
 
 def test_the_stream_is_openais_chunk_format_with_usage_on_request() -> None:
-    with live(make_app(ScriptedGenerator())) as url:
+    with serving(make_app(ScriptedGenerator())) as url:
         events = sse_events(url, {"messages": user("hello"), "stream_options": {"include_usage": True}})
     assert events[-1] == "[DONE]"
     chunks = events[:-1]
@@ -201,7 +180,7 @@ def test_the_transformers_engine_on_the_tiny_model_and_control_tokens_stay_text(
 
     engine = build_generator(tiny_model_config(tiny_model_dir), GenerationSettings(max_new_tokens=6))
     generator = Recording(engine)
-    with live(make_app(generator)) as url:
+    with serving(make_app(generator)) as url:
         answer = client(url).chat.completions.create(model="tiny", messages=user(INJECTION), max_tokens=6)
         assert isinstance(answer.choices[0].message.content, str)
         assert 1 <= answer.usage.completion_tokens <= 6 and answer.usage.prompt_tokens > 0
@@ -219,7 +198,7 @@ def test_the_transformers_engine_on_the_tiny_model_and_control_tokens_stay_text(
 
 def test_a_control_token_spelling_reaches_the_generator_as_message_text() -> None:
     generator = ScriptedGenerator()
-    with live(make_app(generator)) as url:
+    with serving(make_app(generator)) as url:
         client(url).chat.completions.create(model="m", messages=user(INJECTION))
     (request,) = generator.generate_calls[0]
     assert request.messages == [
@@ -236,7 +215,7 @@ def test_a_clients_system_message_and_history_are_used() -> None:
         {"role": "assistant", "content": "That is annoying."},
         {"role": "user", "content": [{"type": "text", "text": "And my wallet."}]},
     ]
-    with live(make_app(generator)) as url:
+    with serving(make_app(generator)) as url:
         client(url).chat.completions.create(model="m", messages=messages)
     (request,) = generator.generate_calls[0]
     assert request.messages == [{**m, "content": "And my wallet."} if i == 3 else m for i, m in enumerate(messages)]
@@ -248,7 +227,7 @@ def test_a_clients_system_message_and_history_are_used() -> None:
 
 def test_every_request_without_the_key_gets_401(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ESC_EVOLVE_TEST_API_KEY", "s3cret-key")
-    with live(make_app(ScriptedGenerator())) as url:
+    with serving(make_app(ScriptedGenerator())) as url:
         for method, path, body in [
             ("POST", "/v1/chat/completions", {"messages": user("hi")}),
             ("GET", "/v1/models", None),
@@ -265,13 +244,19 @@ def test_every_request_without_the_key_gets_401(monkeypatch: pytest.MonkeyPatch)
         answer = client(url, "s3cret-key").chat.completions.create(model="m", messages=user("hi"))
         assert answer.choices[0].message.content
         assert call(url, "/healthz", key="s3cret-key")[0] == 200
+        # The page holds no data and a browser cannot send the key when it opens it: served without the key.
+        with urllib.request.urlopen(f"{url}/") as page:
+            assert page.status == 200 and page.headers["Content-Type"].startswith("text/html")
+            assert b"/v1/chat/completions" in page.read()
+            assert "connect-src 'self'" in page.headers["Content-Security-Policy"]
+        assert call(url, "/", {"messages": user("hi")}, method="POST")[0] == 401  # only GET of the page is open
 
 
 @pytest.fixture(scope="module")
 def refusing() -> Iterator[tuple[str, ScriptedGenerator]]:
     """One server for the requests that must be refused: its generator must never be asked."""
     generator = ScriptedGenerator()
-    with live(make_app(generator)) as url:
+    with serving(make_app(generator)) as url:
         yield url, generator
     assert not generator.generate_calls and not generator.streamed
 
@@ -353,7 +338,7 @@ def test_an_engine_error_is_a_400_naming_it_not_a_500() -> None:
 
             raise GenerationError("request chat:x: 900 prompt tokens exceed the model's context")
 
-    with live(make_app(Refusing())) as url:
+    with serving(make_app(Refusing())) as url:
         status, answer = call(url, "/v1/chat/completions", {"messages": user("hi")})
     assert status == 400 and answer["error"]["code"] == "generation_failed"
     assert "context" in answer["error"]["message"]
@@ -373,7 +358,7 @@ def test_an_urgent_message_gets_the_safe_reply_flagged_streamed_or_not(
 ) -> None:
     generator = ScriptedGenerator()
     caplog.set_level("INFO")
-    with live(make_app(generator, guard=real_guard)) as url:
+    with serving(make_app(generator, guard=real_guard)) as url:
         answer = client(url).chat.completions.create(model="m", messages=user(URGENT), user="ana")
         chunks = list(client(url).chat.completions.create(model="m", messages=user(URGENT), stream=True))
     reply = answer.choices[0].message.content
@@ -383,6 +368,11 @@ def test_an_urgent_message_gets_the_safe_reply_flagged_streamed_or_not(
     assert answer.usage.completion_tokens == 0
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == reply
     assert chunks[0].esc_evolve["safe_reply"] is True and chunks[-1].esc_evolve["safe_reply"] is True
+    # The resources the reply gave, apart from its text, for a client to show in a panel.
+    resources = flag["resources"]
+    assert resources["emergency_note"] == SafetySettings().emergency_note
+    assert resources["lines"] and all(line["contact"] in reply for line in resources["lines"])
+    assert chunks[0].esc_evolve["resources"] == resources
     assert not generator.generate_calls and not generator.streamed  # the model was never asked
     events = [r.getMessage() for r in caplog.records if r.name.startswith("esc_evolve.serving")]
     assert any("safe reply" in e and "urgent" in e for e in events)
@@ -392,7 +382,7 @@ def test_an_urgent_message_gets_the_safe_reply_flagged_streamed_or_not(
 def test_an_unsafe_model_reply_is_replaced_before_it_is_sent() -> None:
     unsafe = ["You should just kill yourself. ", "Nobody would care."]
     generator = ScriptedGenerator(replies=[unsafe, unsafe])
-    with live(make_app(generator)) as url:
+    with serving(make_app(generator)) as url:
         answer = client(url).chat.completions.create(model="m", messages=user("Nothing is going right."))
         events = sse_events(url, {"messages": user("Nothing is going right.")})
     assert "kill yourself" not in answer.choices[0].message.content and answer.esc_evolve["replaced"] is True
@@ -421,7 +411,7 @@ def test_turns_and_profiles_are_stored_per_seeker_and_delete_leaves_nothing(tmp_
     store = SeekerStore(db)
     generator = ScriptedGenerator()
     messages = user("My landlord wants me out by Friday.")
-    with live(make_app(generator, store=store, profile_every=1)) as url:
+    with serving(make_app(generator, store=store, profile_every=1)) as url:
         answer = client(url).chat.completions.create(model="m", messages=messages, user="alice-7")
         client(url).chat.completions.create(model="m", messages=user("Hello."), user="bob-3")
         client(url).chat.completions.create(model="m", messages=user("Hi."), user="team/carl")
@@ -466,7 +456,7 @@ def test_the_stored_profile_goes_into_the_system_message_with_use_profile(tmp_pa
     store = SeekerStore(tmp_path / "seekers.db")
     store.save_profile("ana", {"emotion": "anxiety", "situation": "a contract that may end", "need": "calm"}, 3)
     generator = ScriptedGenerator()
-    with live(make_app(generator, store=store, use_profile=True)) as url:
+    with serving(make_app(generator, store=store, use_profile=True)) as url:
         answer = client(url).chat.completions.create(model="m", messages=user("Any news?"), user="ana")
         client(url).chat.completions.create(model="m", messages=user("Any news?"), user="someone-else")
     assert answer.esc_evolve["profile_used"] is True
@@ -479,9 +469,9 @@ def test_the_stored_profile_goes_into_the_system_message_with_use_profile(tmp_pa
 
 def test_nothing_is_stored_without_a_seeker_id_or_with_the_store_off(tmp_path: Path) -> None:
     on, off = SeekerStore(tmp_path / "on.db"), SeekerStore(tmp_path / "off.db", enabled=False)
-    with live(make_app(ScriptedGenerator(), store=on)) as url:
+    with serving(make_app(ScriptedGenerator(), store=on)) as url:
         client(url).chat.completions.create(model="m", messages=user("No name given."))
-    with live(make_app(ScriptedGenerator(), store=off)) as url:
+    with serving(make_app(ScriptedGenerator(), store=off)) as url:
         client(url).chat.completions.create(model="m", messages=user("Named."), user="ana")
         assert call(url, "/v1/seekers/ana")[1] == {"seeker": "ana", "conversation": [], "profiles": [], "store": False}
     assert on.seekers() == [] and not (tmp_path / "off.db").exists()
@@ -507,7 +497,7 @@ class Gated(ScriptedGenerator):
 def test_requests_waiting_together_are_served_in_one_generate_call() -> None:
     generator = Gated()
     app = make_app(generator)
-    with live(app) as url, ThreadPoolExecutor(4) as pool:
+    with serving(app) as url, ThreadPoolExecutor(4) as pool:
         ask = lambda text: client(url).chat.completions.create(model="m", messages=user(text))  # noqa: E731
         first = pool.submit(ask, "first")
         assert generator.entered.wait(10)
@@ -522,7 +512,7 @@ def test_requests_waiting_together_are_served_in_one_generate_call() -> None:
 
 def test_requests_arriving_within_the_batch_window_share_a_call() -> None:
     generator = ScriptedGenerator()
-    with live(make_app(generator, batch_window_ms=1500)) as url, ThreadPoolExecutor(4) as pool:
+    with serving(make_app(generator, batch_window_ms=1500)) as url, ThreadPoolExecutor(4) as pool:
         barrier = threading.Barrier(4)
 
         def ask(i: int) -> Any:
@@ -553,7 +543,7 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(tmp_path: Path) -> 
     generator = Slow()
     store = SeekerStore(tmp_path / "seekers.db")
     app = make_app(generator, store=store)
-    with live(app) as url:
+    with serving(app) as url:
         conn = http.client.HTTPConnection(url.removeprefix("http://"), timeout=30)
         body = {"messages": user("Tell me something long."), "stream": True, "user": "ana"}
         conn.request("POST", "/v1/chat/completions", json.dumps(body))
@@ -579,11 +569,11 @@ def test_in_front_of_a_remote_engine_through_the_openai_backend() -> None:
 
     engine = ScriptedGenerator()
     settings = GenerationSettings(backend="openai", max_new_tokens=16, openai=OpenAISettings(max_concurrency=4))
-    with live(make_app(engine, max_chars_per_message=4000, max_tokens_cap=20)) as remote:
+    with serving(make_app(engine, max_chars_per_message=4000, max_tokens_cap=20)) as remote:
         upstream = OpenAIGenerator(f"{remote}/v1", "m2", settings, api_key_env="ESC_EVOLVE_TEST_NO_KEY")
         app = make_app(upstream, generation=settings)
         assert app.state.server.batcher.workers == 4
-        with live(app) as url:
+        with serving(app) as url:
             answer = client(url).chat.completions.create(model="m2", messages=user("Work is a mess."))
             streamed = client(url).chat.completions.create(model="m2", messages=user("Still a mess."), stream=True)
             text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)

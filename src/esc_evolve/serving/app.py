@@ -3,6 +3,7 @@
     POST   /v1/chat/completions   one reply to a chat; `stream: true` for server-sent events; `user` = seeker id
     GET    /v1/models             the one model served
     GET    /healthz               liveness, and how many requests wait for the engine
+    GET    /                      the chat page (serving/static/index.html: one file, no build step)
     GET    /v1/seekers/{id}       everything stored about a seeker (conversation and inferred profiles)
     DELETE /v1/seekers/{id}       erase it
 
@@ -32,18 +33,21 @@ from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from importlib import resources
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 
-from esc_evolve.config import ExperimentConfig
+from esc_evolve.config import ExperimentConfig, SafetySettings
 from esc_evolve.evolve.principles import load_principles
 from esc_evolve.generation.types import GenerationError, GenerationRequest, GenerationResult, Generator
+from esc_evolve.safety.detector import RiskAssessment
 from esc_evolve.safety.guard import SafetyGuard
+from esc_evolve.safety.reply import resources_for
 from esc_evolve.serving.batching import Batcher, BatcherClosed, Job
 from esc_evolve.serving.session import ChatSession, ReplyInterrupted
 from esc_evolve.serving.store import SeekerStore
@@ -194,6 +198,10 @@ def create_app(
             "data": [{"id": model_name, "object": "model", "created": server.started, "owned_by": "esc-evolve"}],
         }
 
+    @app.get("/", response_class=HTMLResponse)
+    async def page() -> HTMLResponse:
+        return HTMLResponse(PAGE, headers={"Cache-Control": "no-cache", "Content-Security-Policy": PAGE_POLICY})
+
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
         return {"status": "ok", "model": model_name, "queued": server.batcher.queued}
@@ -211,15 +219,23 @@ def create_app(
     return app
 
 
+# The page holds no data and a browser cannot send a bearer key when it opens a URL: it is the one path served
+# without the key (the page asks for it and sends it with every API call). It talks to this server only.
+PAGE = (resources.files("esc_evolve.serving") / "static" / "index.html").read_text(encoding="utf-8")
+PAGE_POLICY = "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'"
+OPEN_PATHS = {("GET", "/")}
+
+
 class BearerAuth:
-    """ASGI middleware: every HTTP request needs `Authorization: Bearer KEY` (compared in constant time)."""
+    """ASGI middleware: every HTTP request needs `Authorization: Bearer KEY` (compared in constant time), except
+    the page at `/`."""
 
     def __init__(self, app: Any, key: str) -> None:
         self.app = app
         self.key = key.encode("utf-8")
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "http":
+        if scope["type"] == "http" and (scope["method"], scope["path"]) not in OPEN_PATHS:
             header = dict(scope.get("headers") or []).get(b"authorization", b"")
             scheme, _, token = header.partition(b" ")
             if scheme.lower() != b"bearer" or not secrets.compare_digest(token.strip(), self.key):
@@ -372,7 +388,7 @@ class _Server:
                 }
             ],
             "usage": _usage(result),
-            "esc_evolve": _meta(turn, opened),
+            "esc_evolve": _meta(turn, opened, self.config.safety),
         }
 
     def _open(self, turn: _Turn) -> _Opened:
@@ -412,7 +428,7 @@ class _Server:
         pending: Future | None = None
         finished = False
         try:
-            yield chunk({"role": "assistant", "content": ""}, esc_evolve=_meta(turn, opened))
+            yield chunk({"role": "assistant", "content": ""}, esc_evolve=_meta(turn, opened, self.config.safety))
             while True:
                 pending = self._submit(next, opened.pieces, _END)
                 piece = await asyncio.wrap_future(pending)
@@ -423,7 +439,7 @@ class _Server:
                     yield chunk({"content": piece})
             finished = True
             result = opened.calls.result
-            yield chunk({}, _finish(opened, result), esc_evolve=_meta(turn, opened))
+            yield chunk({}, _finish(opened, result), esc_evolve=_meta(turn, opened, self.config.safety))
             if turn.include_usage:
                 yield _sse({**_stream_head(reply_id, created, self.model_name), "choices": [], "usage": _usage(result)})
             yield "data: [DONE]\n\n"
@@ -652,16 +668,28 @@ def _engine_error(exc: BaseException, *, remote: bool = False) -> ApiError:
     return ApiError(500, "the server failed to answer (see its log)", code="server_error", kind="server_error")
 
 
-def _meta(turn: _Turn, opened: _Opened) -> dict[str, Any]:
+def _meta(turn: _Turn, opened: _Opened, settings: SafetySettings) -> dict[str, Any]:
     """The response's `esc_evolve` field: what the safety layer saw and did, and whether a profile was used."""
     last = opened.session.last
+    helped = any(last.get(k) for k in ("safe_reply", "replaced", "resources_added"))
     return {
         "seeker": turn.seeker,
         "safety": last.get("assessment"),
         "safe_reply": bool(last.get("safe_reply")),
         "replaced": bool(last.get("replaced")),
         "resources_added": bool(last.get("resources_added")),
+        "resources": _resources(last.get("assessment"), settings) if helped else None,
         "profile_used": opened.profile_used,
+    }
+
+
+def _resources(assessment: dict[str, Any] | None, settings: SafetySettings) -> dict[str, Any]:
+    """The emergency note and the crisis lines the safe reply gave, for a client to show apart from the text."""
+    found = RiskAssessment(**{**assessment, "categories": tuple(assessment["categories"])}) if assessment else None
+    lines = resources_for(found, settings) if found else settings.resources
+    return {
+        "emergency_note": settings.emergency_note,
+        "lines": [r.model_dump(include={"name", "contact", "region"}) for r in lines],
     }
 
 

@@ -74,7 +74,19 @@ def _test_tokenizer():
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A randomly initialised 2-layer Llama with the default backbone's tokenizer: fast, fully local."""
+    """A randomly initialised 2-layer Llama with the default backbone's tokenizer: fast, fully local. Its weights
+    are so small that greedy decoding says the same thing whatever the prompt (`varied_model_dir` does not)."""
+    return _tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def varied_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Llama with weights drawn 10x wider (std 0.2): its greedy replies differ from prompt to prompt, so
+    a token a row should not see (padding, another row) changes what it says. For tests that compare outputs."""
+    return _tiny_llama(tmp_path_factory.mktemp("varied-llama"), initializer_range=0.2)
+
+
+def _tiny_llama(out: Path, initializer_range: float = 0.02) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = _test_tokenizer()
@@ -90,11 +102,11 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=True,
+        initializer_range=initializer_range,
     )
     import torch
 
     torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("tiny-llama")
     LlamaForCausalLM(config).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out

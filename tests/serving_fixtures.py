@@ -24,13 +24,15 @@ DEFAULT_REPLY = ["Waiting to hear ", "about your contract sounds hard. ", "What 
 
 class ScriptedGenerator(Generator):
     """Streams scripted replies (lists of pieces, then `DEFAULT_REPLY`) and answers reflection fields with
-    `FIELD_ANSWERS`; records every request, and how many streams the caller closed before their end."""
+    `FIELD_ANSWERS`; records every request, and how many streams the caller closed (or cancelled) before their
+    end. `generate_stream` interleaves the pieces of its requests, as a batch decodes them."""
 
     def __init__(self, replies: Sequence[Sequence[str]] = (), fields: dict[str, str] | None = None) -> None:
         self.replies = [list(r) for r in replies]
         self.fields = FIELD_ANSWERS if fields is None else fields
         self.streamed: list[GenerationRequest] = []
         self.generate_calls: list[list[GenerationRequest]] = []
+        self.stream_calls: list[list[GenerationRequest]] = []
         self.closed_early = 0
 
     def generate(self, requests, progress=True):
@@ -46,11 +48,32 @@ class ScriptedGenerator(Generator):
         self.streamed.append(request)
         finished = False
         try:
-            yield from self._next()
+            yield from self.pieces(request)
             finished = True
         finally:
             if not finished:
                 self.closed_early += 1
+
+    def generate_stream(self, requests, on_text, cancelled=None):
+        self.stream_calls.append(list(requests))
+        self.streamed.extend(requests)
+        sources = [iter(self.pieces(r)) for r in requests]
+        texts: list[list[str]] = [[] for _ in requests]
+        live = list(range(len(requests)))
+        while live:
+            for i in list(live):
+                piece = None if cancelled and cancelled(i) else next(sources[i], None)
+                if piece is None:
+                    self.closed_early += bool(cancelled and cancelled(i))
+                    live.remove(i)
+                    continue
+                texts[i].append(piece)
+                on_text(i, piece)
+        return [GenerationResult("".join(t), 12, "stop") for t in texts]
+
+    def pieces(self, request: GenerationRequest) -> Iterator[str]:
+        """The pieces of the reply to `request` (the next script)."""
+        yield from self._next()
 
     def _next(self) -> list[str]:
         return self.replies.pop(0) if self.replies else list(DEFAULT_REPLY)

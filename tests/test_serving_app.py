@@ -156,8 +156,8 @@ def test_the_openai_client_gets_streamed_and_non_streamed_replies() -> None:
         models = client(url).models.list()
         assert [m.id for m in models.data] == ["test-model"]
         assert call(url, "/healthz")[1]["status"] == "ok"
-    # the non-streamed request was generated in a batch, the streamed one alone through the engine's stream
-    ((batched,),), (streamed,) = generator.generate_calls, generator.streamed
+    # the non-streamed request was generated whole, the streamed one with its pieces passed on as decoded
+    ((batched,),), ((streamed,),) = generator.generate_calls, generator.stream_calls
     assert (batched.max_new_tokens, batched.temperature, batched.stop) == (20, 0.5, ())
     assert (streamed.max_new_tokens, streamed.stop) == (16, ("END",))  # default: generation.max_new_tokens
     assert batched.messages[0] == {"role": "system", "content": ExperimentConfig().data.system_prompt}
@@ -169,9 +169,9 @@ def test_the_stream_is_openais_chunk_format_with_usage_on_request() -> None:
     assert events[-1] == "[DONE]"
     chunks = events[:-1]
     assert all(c["object"] == "chat.completion.chunk" and c["id"] == chunks[0]["id"] for c in chunks)
-    # usage: counted by re-encoding the text for a request streamed alone (0 here: the script has no tokenizer)
+    # usage: the engine's own count for the streamed request
     usage = chunks[-1]["usage"]
-    assert chunks[-1]["choices"] == [] and set(usage) == {"prompt_tokens", "completion_tokens", "total_tokens"}
+    assert chunks[-1]["choices"] == [] and usage == {"prompt_tokens": 0, "completion_tokens": 12, "total_tokens": 12}
     assert chunks[-2]["choices"][0]["finish_reason"] == "stop"
 
 
@@ -523,20 +523,39 @@ def test_requests_arriving_within_the_batch_window_share_a_call() -> None:
     assert [len(c) for c in generator.generate_calls] == [4] and len(answers) == 4
 
 
+class SlowReader(RuleDetector):
+    """The rule detector, taking 50 ms a message (the packaged model takes ~25 ms on 2 cores)."""
+
+    def assess(self, text, history=None):
+        time.sleep(0.05)
+        return super().assess(text, history)
+
+
+def test_streamed_requests_arriving_together_share_one_engine_call_while_the_guard_reads_them() -> None:
+    generator = ScriptedGenerator()
+    guard = SafetyGuard(SafetySettings(), detector=SlowReader())
+    with serving(make_app(generator, guard=guard)) as url, ThreadPoolExecutor(4) as pool:
+        barrier = threading.Barrier(4)
+
+        def ask(i: int) -> str:
+            barrier.wait()
+            chunks = client(url).chat.completions.create(model="m", messages=user(f"message {i}"), stream=True)
+            return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+        replies = list(pool.map(ask, range(4)))
+    # The guard reads one message at a time; the engine waits for the requests it has announced (serve.
+    # batch_max_wait_ms) instead of starting the first alone and the other three after it.
+    assert [len(c) for c in generator.stream_calls] == [4] and not generator.generate_calls
+    assert replies == ["".join(DEFAULT_REPLY)] * 4
+
+
 class Slow(ScriptedGenerator):
     """Streams 200 sentences, one every 20 ms."""
 
-    def stream(self, request):
-        self.streamed.append(request)
-        finished = False
-        try:
-            for i in range(200):
-                time.sleep(0.02)
-                yield f"Sentence {i}. "
-            finished = True
-        finally:
-            if not finished:
-                self.closed_early += 1
+    def pieces(self, request):
+        for i in range(200):
+            time.sleep(0.02)
+            yield f"Sentence {i}. "
 
 
 def test_a_client_that_disconnects_mid_stream_frees_its_slot(tmp_path: Path) -> None:
@@ -552,7 +571,7 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(tmp_path: Path) -> 
             pass
         conn.sock.shutdown(socket.SHUT_RDWR)
         conn.close()
-        wait_for(lambda: generator.closed_early == 1)  # the engine's stream was closed, not run to its end
+        wait_for(lambda: generator.closed_early == 1)  # the request was cancelled in the engine, not run to its end
         wait_for(lambda: len(store.conversation("ana")) == 2)
         answer = client(url).chat.completions.create(model="m", messages=user("Are you still there?"))
         assert answer.choices[0].message.content == "".join(DEFAULT_REPLY)

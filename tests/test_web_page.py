@@ -61,8 +61,8 @@ from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 class SlowGenerator(ScriptedGenerator):
     """The scripted generator with a pause before each piece, so that a streamed reply arrives in steps."""
 
-    def stream(self, request):
-        for piece in super().stream(request):
+    def pieces(self, request):
+        for piece in super().pieces(request):
             time.sleep(0.25)
             yield piece
 

@@ -376,6 +376,12 @@ class ServeSettings(StrictModel):
     batch_window_ms: float = Field(
         5.0, ge=0, description="Concurrent requests arriving within this window share a batch."
     )
+    batch_max_wait_ms: float = Field(
+        500.0,
+        ge=0,
+        description="How long the oldest queued request waits for requests that arrived and are still being checked "
+        "(safety) before the engine starts without them.",
+    )
     max_batch: int = Field(16, ge=1)
     store: bool = Field(True, description="Keep conversations and inferred profiles per seeker (local SQLite).")
     db_path: str | None = Field(None, description="Default: the user's data directory (esc-evolve/seekers.db).")

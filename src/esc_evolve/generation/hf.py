@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -26,7 +26,7 @@ import torch
 from esc_evolve.config import GenerationSettings
 from esc_evolve.data.prompts import encode_prompt
 from esc_evolve.generation.batching import Prepared, common_prefix, layout, plan_batches
-from esc_evolve.generation.decoding import RowStopper, SeededSampler
+from esc_evolve.generation.decoding import RowStopper, RowStreamer, SeededSampler
 from esc_evolve.generation.prefill import prefix_cache, row_prefilled_cache
 from esc_evolve.generation.progress import GenerationProgress
 from esc_evolve.generation.types import GenerationError, GenerationRequest, GenerationResult, Generator, cut_at_stop
@@ -85,6 +85,32 @@ class TransformersGenerator(Generator):
                 for item, result in zip(batch, done, strict=True):
                     results[item.index] = result
                 bar.advance(len(batch), sum(r.num_tokens for r in done))
+        return [r for r in results if r is not None]
+
+    def generate_stream(
+        self,
+        requests: Sequence[GenerationRequest],
+        on_text: Callable[[int, str], None],
+        cancelled: Callable[[int], bool] | None = None,
+    ) -> list[GenerationResult]:
+        """`generate`, with each request's reply passed to `on_text(i, piece)` while its batch decodes (see
+        decoding.RowStreamer); a request for which `cancelled(i)` turns true stops generating."""
+        prepared = [self._prepare(i, r) for i, r in enumerate(requests)]
+        results: list[GenerationResult | None] = [None] * len(prepared)
+        with torch.inference_mode():
+            for batch in plan_batches(prepared, self.config.batch_size, self.max_batch_tokens):
+                streamer = RowStreamer(
+                    self.tokenizer,
+                    [item.max_new_tokens for item in batch],
+                    [item.stops for item in batch],
+                    self.eos_ids,
+                    lambda row, piece, batch=batch: on_text(batch[row].index, piece),
+                )
+                stop = (lambda row, batch=batch: cancelled(batch[row].index)) if cancelled else None
+                done = self._run_batch(batch, streamer=streamer, cancelled=stop)
+                for row, (item, result) in enumerate(zip(batch, done, strict=True)):
+                    streamer.finish(row, result.text)
+                    results[item.index] = result
         return [r for r in results if r is not None]
 
     def stream(self, request: GenerationRequest) -> Iterator[str]:
@@ -165,7 +191,9 @@ class TransformersGenerator(Generator):
     # ----------------------------------------------------------------------------------------------------
     # One batch
 
-    def _run_batch(self, batch: list[Prepared], streamer: Any = None) -> list[GenerationResult]:
+    def _run_batch(
+        self, batch: list[Prepared], streamer: Any = None, cancelled: Callable[[int], bool] | None = None
+    ) -> list[GenerationResult]:
         rows = [item.ids for item in batch]
         prefix = common_prefix(rows)
         prefix = prefix if self.share_prefix_min and prefix >= self.share_prefix_min else 0
@@ -173,7 +201,8 @@ class TransformersGenerator(Generator):
         width = input_ids.shape[1]
         max_new = max(item.max_new_tokens for item in batch)
         log.debug("batch of %d rows: width %d, shared prefix %d, %d new tokens", len(rows), width, prefix, max_new)
-        stopper = RowStopper(self.tokenizer, width, [i.max_new_tokens for i in batch], [i.stops for i in batch])
+        budgets, stops = [i.max_new_tokens for i in batch], [i.stops for i in batch]
+        stopper = RowStopper(self.tokenizer, width, budgets, stops, cancelled)
         device = self.model.device
         kwargs: dict[str, Any] = {
             "input_ids": input_ids.to(device),
@@ -232,7 +261,8 @@ class TransformersGenerator(Generator):
         return None
 
     def _result(self, item: Prepared, tokens: list[int], stopper: RowStopper, row: int) -> GenerationResult:
-        ends = {"length": min(item.max_new_tokens, len(tokens))}
+        # A cancelled row ends where it was cancelled, reported as cut short ("length"): its caller is gone.
+        ends = {"length": min(item.max_new_tokens, len(tokens), stopper.cancelled_at.get(row, len(tokens)))}
         eos = next((i for i, t in enumerate(tokens) if t in self.eos_ids), None)
         if eos is not None:
             ends["stop"] = eos + 1

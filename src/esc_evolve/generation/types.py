@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -77,6 +77,21 @@ class Generator(ABC):
     @abstractmethod
     def generate(self, requests: Sequence[GenerationRequest], progress: bool = True) -> list[GenerationResult]:
         """Complete every request; results come back in input order."""
+
+    def generate_stream(
+        self,
+        requests: Sequence[GenerationRequest],
+        on_text: Callable[[int, str], None],
+        cancelled: Callable[[int], bool] | None = None,
+    ) -> list[GenerationResult]:
+        """`generate`, with request i's reply passed to `on_text(i, piece)` as it is produced; the pieces of a
+        request add up to its result's text. `cancelled(i)` true: request i may stop early (its caller went
+        away). Backends that cannot stream a batch pass each reply whole once it is done."""
+        results = self.generate(requests, progress=False)
+        for index, result in enumerate(results):
+            if result.text:
+                on_text(index, result.text)
+        return results
 
     def stream(self, request: GenerationRequest) -> Iterator[str]:
         """Yield the reply in pieces as it is produced (backends that cannot stream yield it whole)."""

@@ -29,7 +29,7 @@ import secrets
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -268,6 +268,7 @@ class _Server:
             generator,
             window_ms=self.serve.batch_window_ms,
             max_batch=self.serve.max_batch,
+            max_wait_ms=self.serve.batch_max_wait_ms,
             workers=config.generation.openai.max_concurrency if remote else 1,
         )
         self.started = int(time.time())
@@ -363,7 +364,12 @@ class _Server:
 
     # Answering -------------------------------------------------------------------------------------------
     async def answer(self, turn: _Turn) -> Any:
-        opened = await self.in_thread(self._open, turn)  # the guard reads the message; the seeker's turn is kept
+        announced = self.batcher.announce()  # the engine may wait for this request while the guard reads it
+        try:
+            opened = await self.in_thread(self._open, turn, announced)  # the guard reads it; the turn is kept
+        except BaseException:
+            announced()
+            raise
         reply_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if turn.stream:
             events = self._events(turn, opened, reply_id, created)
@@ -372,6 +378,8 @@ class _Server:
             text = await self.in_thread(lambda: "".join(opened.pieces))
         except Exception as exc:
             raise _engine_error(exc, remote=self.remote) from None
+        finally:
+            announced()
         self._maybe_profile(turn, opened.session)
         result = opened.calls.result
         return {
@@ -391,7 +399,7 @@ class _Server:
             "esc_evolve": _meta(turn, opened, self.config.safety),
         }
 
-    def _open(self, turn: _Turn) -> _Opened:
+    def _open(self, turn: _Turn, announced: Callable[[], None]) -> _Opened:
         """A session for the request, its reply started: the guard has read the message (so `session.last` says
         whether the safe reply answers) and the seeker's message is stored; the pieces are not produced yet."""
         store = self.memory.view(turn.seeker) if turn.seeker is not None else self.nowhere
@@ -405,8 +413,10 @@ class _Server:
             profile_every=self.serve.profile_every,
             principles=self.principles,
         )
-        calls = _EngineCalls(self.batcher, stream=turn.stream)
+        calls = _EngineCalls(self.batcher, stream=turn.stream, announced=announced)
         pieces = session.reply(turn.message, history=turn.history, stream=calls, **turn.overrides)
+        if session.last.get("safe_reply"):
+            announced()  # answered without the engine
         return _Opened(session, pieces, calls, profile_used=session.use_profile and session.profile is not None)
 
     async def _events(self, turn: _Turn, opened: _Opened, reply_id: str, created: int) -> AsyncIterator[str]:
@@ -449,6 +459,7 @@ class _Server:
             yield _sse({"error": {"message": error.message, "type": error.kind, "param": None, "code": error.code}})
             yield "data: [DONE]\n\n"
         finally:
+            opened.calls.announced()
             if not finished:  # the client went away (or the server is stopping)
                 opened.calls.cancel()
                 self._spawn(self._close(opened.pieces, pending))
@@ -509,16 +520,17 @@ class _EngineCalls:
     """The `stream` a session generates with: its request goes through the batcher. Keeps the engine's
     result (token counts, finish reason) and can cancel the request when the client goes away."""
 
-    def __init__(self, batcher: Batcher, *, stream: bool) -> None:
+    def __init__(self, batcher: Batcher, *, stream: bool, announced: Callable[[], None]) -> None:
         self.batcher = batcher
         self.stream = stream
+        self.announced = announced
         self.result: GenerationResult | None = None
         self._jobs: list[Job] = []
         self._cancelled = False
         self._lock = threading.Lock()
 
     def __call__(self, request: GenerationRequest) -> Iterator[str]:
-        job = self.batcher.submit(request, stream=self.stream)
+        job = self.batcher.submit(request, stream=self.stream, announced=self.announced)
         with self._lock:
             self._jobs.append(job)
             if self._cancelled:

@@ -2,23 +2,24 @@
 
 One worker thread owns a local engine (`Generator` is not thread-safe, and one engine call at a time is what a
 CPU or a GPU serves best). Requests are queued from any thread; the worker takes the oldest, waits until it has
-been queued `window_ms`, adds whatever else is queued (up to `max_batch`) and answers them all with one
-`Generator.generate` call. A request queued while the engine is busy waits for the current call and goes into
-the next one, so under load batches form by themselves. A remote engine (the openai backend) gets several
-workers, each sending its own batch, since such a server batches what it receives on its own.
+been queued `window_ms`, adds whatever else is queued (up to `max_batch`) and answers them all with one engine
+call. A request queued while the engine is busy waits for the current call and goes into the next one, so under
+load batches form by themselves. A remote engine (the openai backend) gets several workers, each sending its own
+batch, since such a server batches what it receives on its own.
 
-Streaming. The engine streams one request at a time (`Generator.stream`), so:
-- a streamed request that has the engine to itself (nothing else queued when its turn comes) is streamed token by
-  token from the engine;
-- streamed requests that arrive together are generated in one batch like any others, and each one's text is sent
-  on when its batch is done (the stream then carries the whole reply at once).
-So one person chatting sees tokens as they are produced; under load, time to first token becomes the batch's
-latency, and throughput is the batched engine's.
+Requests that arrive together reach the queue one by one: the server reads each with the safety guard first
+(tens of milliseconds each). So the server `announce`s a request when it arrives, and the worker, before starting
+a batch, waits while announced requests are still on their way (at most `max_wait_ms` after the oldest queued
+one). Without that, the first of sixteen simultaneous requests ran alone and the fifteen others after it.
 
-A request whose client went away is cancelled: still queued, it leaves the queue without being generated; being
-streamed alone, its engine stream is closed (the engine finishes the token it is computing; `Generator.stream`
-implementations may run to the end of the reply before returning, see hf.py). A cancelled request inside a
-running batch is finished with the batch and its reply dropped.
+Streaming. A batch with streamed requests is run with `Generator.generate_stream`: each streamed request gets its
+text as the engine decodes it (the transformers engine passes every row's new text on at each step), whether it
+is alone or shares the batch; the others get their text whole at the end. Backends that cannot stream a batch
+pass each reply whole when it is done.
+
+A request whose client went away is cancelled: still queued, it leaves the queue without being generated; inside
+a running batch, its row stops generating at the next step (`cancelled` of `generate_stream`) while the others go
+on; backends that cannot stop one row finish it and its reply is dropped.
 
 `call(fn)` runs `fn(generator)` on the worker, alone (profile inference: its batched reflection call).
 """
@@ -57,6 +58,7 @@ class Job:
         self._pieces: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._result: Any = None
         self._error: BaseException | None = None
+        self.sent = False  # some of the reply was handed to the caller
 
     # Caller side ----------------------------------------------------------------------------------------
     def cancel(self) -> None:
@@ -85,6 +87,7 @@ class Job:
 
     # Worker side ----------------------------------------------------------------------------------------
     def _piece(self, text: str) -> None:
+        self.sent = True
         self._pieces.put(text)
 
     def _finish(self, result: Any = None, error: BaseException | None = None) -> None:
@@ -101,11 +104,22 @@ class Batcher:
     workers as requests it should see in flight, so that one slow batch does not hold the others back.
     """
 
-    def __init__(self, generator: Generator, *, window_ms: float = 5.0, max_batch: int = 16, workers: int = 1):
+    def __init__(
+        self,
+        generator: Generator,
+        *,
+        window_ms: float = 5.0,
+        max_batch: int = 16,
+        workers: int = 1,
+        max_wait_ms: float = 500.0,
+    ):
         if max_batch < 1 or workers < 1:
             raise ValueError("max_batch and workers must be >= 1")
         self.generator = generator
         self.window = max(0.0, window_ms) / 1000.0
+        self.max_wait = max(self.window, max_wait_ms / 1000.0)
+        self._announced = 0
+        self._announced_lock = threading.Lock()
         self.max_batch = max_batch
         self.workers = workers
         self.batch_sizes: list[int] = []  # requests per engine call, in order (tests, benchmarks)
@@ -138,9 +152,32 @@ class Batcher:
         return self._queue.qsize()
 
     # Submitting (any thread) ---------------------------------------------------------------------------
-    def submit(self, request: GenerationRequest, *, stream: bool = False) -> Job:
-        """Queue `request`; read the reply with `job.result()` or, streamed, `job.pieces()`."""
-        return self._put(Job(request, stream=stream))
+    def announce(self) -> Callable[[], None]:
+        """Say that a request is on its way (it arrived and is being checked before it can be submitted); the
+        worker waits for announced requests, up to `max_wait_ms` after the oldest queued one, so that requests
+        arriving together share one engine call instead of the first running alone. Returns the release (call
+        it once the request is submitted or will never be; calling it again does nothing)."""
+        with self._announced_lock:
+            self._announced += 1
+        released = threading.Event()
+
+        def release() -> None:
+            with self._announced_lock:
+                if not released.is_set():
+                    released.set()
+                    self._announced -= 1
+
+        return release
+
+    def submit(
+        self, request: GenerationRequest, *, stream: bool = False, announced: Callable[[], None] | None = None
+    ) -> Job:
+        """Queue `request`; read the reply with `job.result()` or, streamed, `job.pieces()`. `announced`: the
+        release `announce` gave for this request."""
+        job = self._put(Job(request, stream=stream))
+        if announced is not None:
+            announced()
+        return job
 
     def call(self, fn: Callable[[Generator], Any]) -> Job:
         """Queue `fn(generator)`, run on a worker between batches; its return value is `job.result()`."""
@@ -162,9 +199,7 @@ class Batcher:
             if first.fn is not None:
                 self._run_call(first)
                 continue
-            wait = self.window - (time.monotonic() - first.queued_at)
-            if wait > 0 and self._queue.qsize() < self.max_batch - 1:
-                time.sleep(wait)
+            self._wait_for_company(first)
             batch, stop = self._form_batch(first, held)
             live = [job for job in batch if not job.cancelled]
             for job in batch:
@@ -177,6 +212,15 @@ class Batcher:
         for job in held:
             job._finish(error=BatcherClosed("the server is shutting down"))
         self._fail_queued()
+
+    def _wait_for_company(self, first: Job) -> None:
+        """Wait until `first` has been queued `window`, and while requests announced but not yet submitted may
+        still join its batch (at most `max_wait` after it was queued)."""
+        while self._queue.qsize() < self.max_batch - 1:
+            waited = time.monotonic() - first.queued_at
+            if waited >= self.max_wait or (waited >= self.window and self._announced <= 0):
+                return
+            time.sleep(min(0.002, max(self.window - waited, 0.0005)))
 
     def _form_batch(self, first: Job, held: list[Job]) -> tuple[list[Job], bool]:
         batch = [first]
@@ -204,59 +248,34 @@ class Batcher:
 
     def _run_batch(self, jobs: list[Job]) -> None:
         self.batch_sizes.append(len(jobs))
-        if len(jobs) == 1 and jobs[0].stream:
-            self._stream_alone(jobs[0])
-            return
         try:
-            results = self.generator.generate([job.request for job in jobs], progress=False)
+            results = self._generate(jobs)
         except Exception as exc:
-            if len(jobs) == 1:
-                jobs[0]._finish(error=exc)
+            if len(jobs) == 1 or any(job.sent for job in jobs):
+                for job in jobs:
+                    job._finish(error=exc)
                 return
             # One request the engine refuses (too long for the model...) must not fail the others with it.
             log.info("a batch of %d failed (%s); answering its requests one by one", len(jobs), exc)
             for job in jobs:
-                self._one(job)
+                self._run_batch([job])
             return
         for job, result in zip(jobs, results, strict=True):
-            job._piece(result.text)
+            if not job.stream:
+                job._piece(result.text)
             job._finish(result)
 
-    def _one(self, job: Job) -> None:
-        try:
-            (result,) = self.generator.generate([job.request], progress=False)
-        except Exception as exc:
-            job._finish(error=exc)
-            return
-        job._piece(result.text)
-        job._finish(result)
+    def _generate(self, jobs: list[Job]) -> list[GenerationResult]:
+        """One engine call for `jobs`; streamed jobs get their text as the engine decodes it."""
+        if not any(job.stream for job in jobs):
+            return self.generator.generate([job.request for job in jobs], progress=False)
 
-    def _stream_alone(self, job: Job) -> None:
-        pieces = self.generator.stream(job.request)
-        text: list[str] = []
-        try:
-            for piece in pieces:
-                if job.cancelled:
-                    break
-                text.append(piece)
-                job._piece(piece)
-        except Exception as exc:
-            job._finish(error=exc)
-            return
-        finally:
-            close = getattr(pieces, "close", None)
-            if close is not None:
-                close()
-        job._finish(self._streamed_result(job.request, "".join(text)))
+        def on_text(index: int, piece: str) -> None:
+            if jobs[index].stream:
+                jobs[index]._piece(piece)
 
-    def _streamed_result(self, request: GenerationRequest, text: str) -> GenerationResult:
-        """What `Generator.stream` does not report, estimated: tokens by re-encoding the text (where the engine
-        has a tokenizer), `length` when that reaches the request's budget."""
-        tokenizer = self.generator.tokenizer
-        tokens = len(tokenizer.encode(text, add_special_tokens=False)) if tokenizer is not None and text else 0
-        budget = request.max_new_tokens or getattr(getattr(self.generator, "config", None), "max_new_tokens", None)
-        finish = "length" if budget and tokens >= budget else "stop"
-        return GenerationResult(text=text, num_tokens=tokens, finish_reason=finish, request_id=request.id)
+        requests = [job.request for job in jobs]
+        return self.generator.generate_stream(requests, on_text, cancelled=lambda index: jobs[index].cancelled)
 
     def _fail_queued(self) -> None:
         """Fail the jobs still queued at shutdown (the other workers' stop signals stay queued for them)."""

@@ -468,7 +468,9 @@ class _Server:
     async def _close(self, pieces: Iterator[str], pending: Future | None) -> None:
         """Close a session whose client went away, once the thread reading its pieces has let go of it."""
         if pending is not None:
-            with contextlib.suppress(Exception):
+            # A read the client's cancellation caught before a thread took it is cancelled, never run: awaiting
+            # it raises CancelledError, which must not skip the close (the reply would never be stored).
+            with contextlib.suppress(Exception, asyncio.CancelledError):
                 await asyncio.wrap_future(pending)
         with contextlib.suppress(Exception):
             await self.in_thread(pieces.close)  # type: ignore[attr-defined]

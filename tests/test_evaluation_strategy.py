@@ -99,6 +99,7 @@ def test_load_or_train_caches_by_data(tmp_path):
     assert len(files) == 1 and first.report["valid"]["n"] == 8
     second = load_or_train_classifier(str(data), embedder, tmp_path / "cache")
     assert np.allclose(second.coef, first.coef) and second.digest == first.digest
+    assert second.report == first.report  # metrics.json reports the same whether trained now or read from the cache
 
 
 def test_strategy_metric_on_a_table():

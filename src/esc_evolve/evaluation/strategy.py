@@ -58,7 +58,7 @@ class StrategyClassifier:
     def save(self, path: Path) -> None:
         with atomic_path(path) as tmp:
             np.savez(tmp, coef=self.coef, intercept=self.intercept, labels=np.array(self.labels))
-        write_json_atomic(path.with_suffix(".json"), {"embedder": self.embedder_key, **self.report})
+        write_json_atomic(path.with_suffix(".json"), {**self.report, "embedder": self.embedder_key})
 
     @classmethod
     def load(cls, path: Path, embedder_key: str) -> StrategyClassifier:
@@ -86,7 +86,8 @@ def train_classifier(texts: list[str], labels: list[str], embedder: Embedder, **
     coef, intercept = model.coef_, model.intercept_
     if len(model.classes_) == 2:  # sklearn stores one row for a binary problem; make it a 2-way softmax
         coef, intercept = np.vstack([-coef / 2, coef / 2]), np.array([-intercept[0] / 2, intercept[0] / 2])
-    report = {"n_train": len(texts), "params": settings, "train_counts": _counts(labels)}
+    # The embedder is in the report, as `load` reads it back: a fresh and a cached classifier report the same.
+    report = {"embedder": embedder.key, "n_train": len(texts), "params": settings, "train_counts": _counts(labels)}
     return StrategyClassifier(tuple(str(c) for c in model.classes_), coef, intercept, embedder.key, report=report)
 
 

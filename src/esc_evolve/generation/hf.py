@@ -251,7 +251,16 @@ class TransformersGenerator(Generator):
     def _cache(self, rows: list[tuple[int, ...]], prefix: int, width: int, max_len: int) -> Any:
         """The batch's KV cache, filled as far as `generate` should not (None: let generate make its own)."""
         if self.row_prefill:
-            return row_prefilled_cache(self.model, self.cache_kwarg, rows, prefix, width, max_len, self.static_cache)
+            return row_prefilled_cache(
+                self.model,
+                self.cache_kwarg,
+                rows,
+                prefix,
+                width,
+                max_len,
+                self.static_cache,
+                reuse_min=self.share_prefix_min,
+            )
         if prefix:
             return prefix_cache(self.model, self.cache_kwarg, rows[0][:prefix], len(rows), max_len, self.static_cache)
         if self.static_cache:

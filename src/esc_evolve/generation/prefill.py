@@ -34,34 +34,70 @@ def prefix_cache(model: Any, cache_name: str, prefix: Sequence[int], rows: int, 
 
 
 def row_prefilled_cache(
-    model: Any, cache_name: str, rows: Sequence[Sequence[int]], prefix: int, width: int, max_len: int, static: bool
+    model: Any,
+    cache_name: str,
+    rows: Sequence[Sequence[int]],
+    prefix: int,
+    width: int,
+    max_len: int,
+    static: bool,
+    reuse_min: int = 0,
 ) -> Any | None:
-    """A cache holding every row's prompt but its last token (None when no row has more than one token)."""
+    """A cache holding every row's prompt but its last token (None when no row has more than one token).
+
+    With `reuse_min` > 0, a row that shares at least `reuse_min` tokens (beyond the batch's common prefix) with
+    another row of the batch starts from that row's keys and values and computes only the rest: the reflection
+    fields of one context quote the same dialogue and differ only in their question. Rows are visited in the
+    order of their tokens, so the row sharing the longest prefix with a row is always the one visited just
+    before it (a property of sorted sequences), and only that row's cache is kept (the idea of vLLM's prefix
+    caching and SGLang's radix tree, within one batch).
+    """
     if width <= 1:
         return None
     shared = _forward(model, cache_name, rows[0][:prefix], None) if prefix else None
     cache = None
-    for row_index, row in enumerate(rows):
-        own = _forward(model, cache_name, row[prefix:-1], shared) if len(row) - 1 > prefix else shared
+    previous: tuple[Sequence[int], Any] | None = None
+    for row_index in sorted(range(len(rows)), key=lambda i: list(rows[i])):
+        row = rows[row_index]
+        start, start_len = shared, prefix
+        if reuse_min and previous is not None:
+            common = _common(previous[0], row, len(row) - 1)
+            if common - prefix >= reuse_min:
+                start, start_len = previous[1], common
+        rest = row[start_len:-1]
+        own = _forward(model, cache_name, rest, start, start_len) if rest else start
         if own is None:
             continue  # a one-token prompt: generate computes it
+        previous = (row[:-1], own)
         if cache is None:
             cache = _allocated(model, own, len(rows), width - 1, max_len, static)
         for target, source in zip(cache.layers, own.layers, strict=True):
             for dst, src in ((target.keys, source.keys), (target.values, source.values)):
                 dst[row_index, :, :prefix] = src[0, :, :prefix]
-                dst[row_index, :, width - len(row) + prefix : width - 1] = src[0, :, prefix:]
+                dst[row_index, :, width - len(row) + prefix : width - 1] = src[0, :, prefix : len(row) - 1]
     return cache
 
 
-def _forward(model: Any, cache_name: str, ids: Sequence[int], start: Any | None) -> Any:
-    """Run `ids` (one row, no padding) after the cache `start` (left untouched); return the new cache."""
+def _common(a: Sequence[int], b: Sequence[int], limit: int) -> int:
+    """Length of the common prefix of `a` and `b`, at most `limit`."""
+    n = 0
+    for x, y in zip(a[:limit], b[:limit], strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _forward(model: Any, cache_name: str, ids: Sequence[int], start: Any | None, upto: int | None = None) -> Any:
+    """Run `ids` (one row, no padding) after the first `upto` positions (default: all) of the cache `start`
+    (left untouched); return the new cache."""
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)
     if start is not None:
         for index, layer in enumerate(start.layers):
-            cache.update(layer.keys, layer.values, index)  # copies: `start` is shared by every row
+            # The forward below concatenates onto these views into new tensors: `start` stays as it was.
+            cache.update(layer.keys[:, :, :upto], layer.values[:, :, :upto], index)
     input_ids = torch.tensor([list(ids)], dtype=torch.long, device=model.device)
     model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **{cache_name: cache})
     return cache

@@ -97,13 +97,13 @@ def main() -> None:
             warm = one_request(url, key, MESSAGES[0], args.max_tokens, args.request_timeout)  # not counted
             levels = []
             for clients in args.clients:
-                before = len(batcher.batch_sizes)
-                level = run_level(url, key, clients, args)
-                level["batch_sizes"] = batcher.batch_sizes[before:]
-                level["rss_mb_before"], level["rss_mb_after"] = level.pop("_rss_before"), rss_mb(process)
-                levels.append(level)
-                print_level(level)
+                levels.append(measured_level(url, key, clients, args, batcher, process))
+            # Memory over a longer run: the last level again, `--soak` times. Flat = no growth from round to round
+            # once the engine has seen its largest batch (the first level at that size allocates its working set).
+            soak = [measured_level(url, key, args.clients[-1], args, batcher, process) for _ in range(args.soak)]
     first, last = levels[0], levels[-1]
+    soak_rss = [last["rss_mb_after"], *(level["rss_mb_after"] for level in soak)]
+    growth = soak_rss[-1] - soak_rss[0] if soak else None
     speedup = last["tokens_per_s"] / first["tokens_per_s"] if first["tokens_per_s"] else 0.0
     report = {
         "machine": {
@@ -138,11 +138,17 @@ def main() -> None:
         "rss_mb_start": rss_start,
         "rss_mb_end": rss_mb(process),
         "levels": levels,
+        "soak": soak,
+        "soak_rss_mb": soak_rss,
+        "memory_growth_mb": growth,
         "concurrency_speedup": speedup,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     print(f"rss_mb start={rss_start:.0f} end={report['rss_mb_end']:.0f}; results in {args.out}")
+    if growth is not None:
+        rounds = " -> ".join(f"{r:.0f}" for r in soak_rss)
+        print(f"rss after each round at {args.clients[-1]} clients: {rounds} MB; memory_growth_mb={growth:.0f}")
     print(f"concurrency_speedup={speedup:.2f}")
 
 
@@ -154,11 +160,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--model", default="smollm2-135m-instruct", help="Backbone alias or model folder.")
     parser.add_argument("--request-timeout", type=float, default=120.0, help="Seconds before a request fails.")
     parser.add_argument("--level-timeout", type=float, default=240.0, help="Seconds before a level's rest is lost.")
+    parser.add_argument("--soak", type=int, default=3, help="Rounds of the last level again, for memory (0-10).")
     parser.add_argument("--out", type=Path, default=RESULTS, help="Results JSON.")
     args = parser.parse_args()
     args.clients = [int(c) for c in args.clients.split(",") if c.strip()]
     if not args.clients or not all(1 <= c <= MAX_CLIENTS for c in args.clients):
         parser.error(f"--clients: between 1 and {MAX_CLIENTS} each")
+    if not 0 <= args.soak <= 10:
+        parser.error("--soak: between 0 and 10")
     if not 1 <= args.requests_per_client <= MAX_REQUESTS_PER_CLIENT:
         parser.error(f"--requests-per-client: between 1 and {MAX_REQUESTS_PER_CLIENT}")
     return args
@@ -203,6 +212,17 @@ def one_request(url: str, key: str, message: str, max_tokens: int, timeout: floa
             row["ok"] = True
             row["completion_tokens"] = usage.completion_tokens
     return row
+
+
+def measured_level(
+    url: str, key: str, clients: int, args: argparse.Namespace, batcher: Any, process: psutil.Process
+) -> dict[str, Any]:
+    before = len(batcher.batch_sizes)
+    level = run_level(url, key, clients, args)
+    level["batch_sizes"] = batcher.batch_sizes[before:]
+    level["rss_mb_before"], level["rss_mb_after"] = level.pop("_rss_before"), rss_mb(process)
+    print_level(level)
+    return level
 
 
 def run_level(url: str, key: str, clients: int, args: argparse.Namespace) -> dict[str, Any]:

@@ -110,3 +110,12 @@ def _tiny_llama(out: Path, initializer_range: float = 0.02) -> Path:
     LlamaForCausalLM(config).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory: pytest.TempPathFactory, varied_model_dir: Path) -> Path:
+    """The tiny pipeline (one iteration, tests/pipeline_fixtures.py) run to its end in a subprocess with
+    PYTHONHASHSEED=1: what the reproducibility and fault tests compare other runs with."""
+    from tests.pipeline_fixtures import run_to_end
+
+    return run_to_end(tmp_path_factory.mktemp("reference"), varied_model_dir, hash_seed=1)

@@ -60,42 +60,42 @@ def test_data_preview_renders_chat_template(tiny_model_dir: Path) -> None:
     assert "<|im_start|>assistant" in result.output
 
 
-def test_run_prepares_and_resumes(tmp_path: Path, tiny_model_dir: Path) -> None:
-    """The whole pipeline on a tiny random model: every stage runs and records itself; a rerun redoes nothing."""
-    overrides = [
-        f"run.output_dir={tmp_path}",
-        f"model.name={tiny_model_dir}",
-        "sft.max_steps=2",
-        "sft.max_eval_samples=4",
-        "evolve.iterations=1",
-        "evolve.contexts_per_iteration=4",
-        "dpo.max_steps=2",
-        "eval.max_contexts=6",
-        "eval.bootstrap_samples=20",
-        "generation.max_new_tokens=8",
-        "data.context_window=3",  # reflection prompts quote the context: keep them inside the tiny model's 512
-    ]
-    args = ["run", str(CONFIGS / "quickstart.yaml")] + [arg for o in overrides for arg in ("--set", o)]
-    result = runner.invoke(app, args)
-    assert result.exit_code == 0, result.output
-    run_dir = tmp_path / "quickstart"
+def test_run_prepares_and_resumes(reference_run: Path, varied_model_dir: Path) -> None:
+    """The whole pipeline on a tiny random model (`reference_run`: `esc-evolve run` in a subprocess, reflections
+    and refinements scripted so that pairs are kept, see tests/pipeline_fixtures.py): every stage runs and records
+    itself, DPO trains on the kept pairs; a rerun needs --resume and then redoes nothing."""
+    from esc_evolve.models.lineage import adapter_chain
+    from tests.pipeline_fixtures import (
+        assert_same_results,
+        register_scripted_backend,
+        results_of,
+        set_args,
+        tiny_run_overrides,
+    )
+
+    run_dir = reference_run
     stages = json.loads((run_dir / "stages.json").read_text())
     assert list(stages) == ["prepare", "sft", "iter1.pairs", "iter1.dpo", "eval"]
-    assert stages["prepare"]["train"]["conversations"] > 0
-    assert stages["iter1.pairs"]["contexts"] == 4 and len((run_dir / "iter1/pairs.jsonl").read_text().splitlines()) == 4
-    assert (run_dir / "m0/adapter_config.json").is_file() and (run_dir / "iter1/m1/adapter_config.json").is_file()
-    assert (run_dir / "report.html").is_file() and (run_dir / "eval/responses.jsonl").is_file()
-    assert set(stages["eval"]["models"]) >= {"base", "m0", "m1", "human"}
+    assert stages["prepare"]["train"]["conversations"] == 26 and stages["sft"]["steps"] == 4
+    pairs = [json.loads(line) for line in (run_dir / "iter1/pairs.jsonl").read_text().splitlines()]
+    kept = sum(p["keep"] for p in pairs)
+    assert len(pairs) == stages["iter1.pairs"]["contexts"] == 4 and kept == stages["iter1.pairs"]["kept"] > 0
+    assert stages["iter1.dpo"]["pairs"] == kept and stages["iter1.dpo"]["steps"] == 2  # DPO trained, no copy
+    assert stages["iter1.dpo"]["rewards_margins_last"] > stages["iter1.dpo"]["rewards_margins_first"]
+    assert adapter_chain(run_dir / "iter1/m1")[1] == [(run_dir / "m0").resolve(), (run_dir / "iter1/m1").resolve()]
+    assert (run_dir / "report.html").is_file() and stages["eval"]["models"] == ["base", "m0", "m1", "human"]
     meta = json.loads((run_dir / "meta.json").read_text())
     assert meta["seed"] == 42 and meta["versions"]["transformers"]
     assert (run_dir / "config.yaml").is_file() and (run_dir / "logs/run.log").is_file()
-    boards = run_dir / "logs" / "tensorboard"
-    assert list((boards / "sft").glob("events.*"))
-    trained = stages["iter1.dpo"]["steps"] > 0  # a random tiny model may keep no pair: m1 is then m0
-    assert bool(list((boards / "dpo1").glob("events.*"))) is trained
+    for board in ("sft", "dpo1"):
+        assert list((run_dir / "logs" / "tensorboard" / board).glob("events.*"))
 
+    register_scripted_backend()
+    before = results_of(run_dir)
+    args = ["run", str(CONFIGS / "quickstart.yaml"), *set_args(tiny_run_overrides(run_dir.parent, varied_model_dir, 1))]
     again = runner.invoke(app, args)
     assert again.exit_code == 2 and "--resume" in again.output
     resumed = runner.invoke(app, [*args, "--resume"])
     assert resumed.exit_code == 0, resumed.output
-    assert json.loads((run_dir / "stages.json").read_text())["prepare"] == stages["prepare"]  # not redone
+    assert json.loads((run_dir / "stages.json").read_text()) == stages  # nothing redone
+    assert_same_results(results_of(run_dir), before)  # and nothing rewritten

@@ -81,28 +81,60 @@ def test_loss_options_map_to_trl() -> None:
     assert trl_loss(DPOSettings(loss_type="ipo", rpo_alpha=0.5)) == (["ipo", "sft"], [1.0, 0.5])
 
 
-def test_reference_log_probs_are_m_t(tmp_path: Path, tiny_model_dir: Path) -> None:
-    config = _config(tmp_path, tiny_model_dir)
+@pytest.mark.parametrize("iteration", [1, 2])
+def test_the_reference_stays_m_t_while_the_policy_moves(tmp_path: Path, tiny_model_dir: Path, iteration: int) -> None:
+    """At step 0 a fresh LoRA makes policy and reference equal, so a reference that were the current policy would
+    pass there. After a few steps the policy must differ from M_t while the reference log-probs still equal those
+    of M_t loaded on its own: M0 in iteration 1, M0 + a1 (trained by `train_dpo`) in iteration 2."""
+    config = _config(tmp_path, tiny_model_dir, max_steps=3)
     run = RunDir.create(config)
     m0 = _m0(run.path, tiny_model_dir)
     _write_pairs(run.path)
+    parent = m0 if iteration == 1 else run.path / "iter1/m1"
+    if iteration == 2:
+        _train(config, run.path, m0)  # M1 = M0 + a1, a real DPO adapter
     rows = [json.loads(line) for line in (run.path / "iter1/preference.jsonl").open()]
     runtime = resolve_runtime(config.model, config.dpo)
-    trainer = build_dpo_trainer(config.dpo, config.model, rows, runtime, m0, config.run.seed, tmp_path / "work", [])
+    trainer = build_dpo_trainer(config.dpo, config.model, rows, runtime, parent, config.run.seed, tmp_path / "work", [])
     batch = next(iter(trainer.get_train_dataloader()))
-    ref_chosen, ref_rejected = trainer.compute_ref_log_probs(trainer.model, batch)
+    m_t = _completion_logps(load_model(config.model, adapter=parent)[0], batch)
+    m_0 = _completion_logps(load_model(config.model, adapter=m0)[0], batch)
+    backbone = _completion_logps(load_model(config.model)[0], batch)
+    assert not torch.allclose(backbone, m_t, atol=1e-2)  # the backbone is not M_t
+    assert (iteration == 1) == torch.allclose(m_0, m_t, atol=1e-2)  # M1 is not M0
 
-    def completion_logps(model) -> torch.Tensor:
-        with torch.no_grad():
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        logps = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, batch["input_ids"][:, 1:, None])[..., 0]
-        return (logps * batch["completion_mask"][:, 1:]).sum(-1)
+    torch.testing.assert_close(_reference_logps(trainer, batch), m_t, atol=1e-3, rtol=0)
+    torch.testing.assert_close(_completion_logps(trainer.model, batch), m_t, atol=1e-3, rtol=0)  # step 0: equal
+    trainer.train()
+    assert trainer.state.global_step == 3
+    policy = _completion_logps(trainer.model, batch)
+    assert (policy - m_t).abs().max() > 0.05  # the policy moved away from M_t ...
+    torch.testing.assert_close(_reference_logps(trainer, batch), m_t, atol=1e-3, rtol=0)  # ... the reference did not
 
-    m0_model, _ = load_model(config.model, adapter=m0)
-    expected = completion_logps(m0_model)
-    assert torch.allclose(torch.cat([ref_chosen, ref_rejected]), expected, atol=1e-3)
-    base_model, _ = load_model(config.model)
-    assert not torch.allclose(completion_logps(base_model), expected, atol=1e-2)  # the backbone is not M0
+    # What is saved is M_t + the trained adapter: loaded through its lineage, it is the policy.
+    saved = tmp_path / "saved"
+    trainer.save_model(str(saved))
+    write_lineage(saved, config.model.name, parent)
+    torch.testing.assert_close(
+        _completion_logps(load_model(config.model, adapter=saved)[0], batch), policy, atol=1e-3, rtol=0
+    )
+
+
+def _completion_logps(model, batch) -> torch.Tensor:
+    """Summed log-probs of each row's completion tokens (chosen rows, then rejected), in eval mode."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    model.train(was_training)
+    logps = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, batch["input_ids"][:, 1:, None])[..., 0]
+    return (logps * batch["completion_mask"][:, 1:]).sum(-1)
+
+
+def _reference_logps(trainer, batch) -> torch.Tensor:
+    """The reference log-probs as trl computes them for the loss (adapter disabled), chosen then rejected."""
+    chosen, rejected = trainer.compute_ref_log_probs(trainer.model, batch)
+    return torch.cat([chosen, rejected]).float()
 
 
 def test_dpo_trains_m1_on_top_of_m0_and_resumes(tmp_path: Path, tiny_model_dir: Path) -> None:
@@ -113,15 +145,21 @@ def test_dpo_trains_m1_on_top_of_m0_and_resumes(tmp_path: Path, tiny_model_dir: 
     with pytest.raises(Interrupted):
         _train(config, run.path, m0, callbacks=[StopAt(3)])  # killed after the step-2 checkpoint
     assert not (run.path / "iter1/m1").exists()
+    stale = run.path / "iter1/.m1.staging"  # as a save killed midway leaves it
+    stale.mkdir()
+    (stale / "adapter_model.safetensors").write_bytes(b"cut")
+    (stale / "from-an-older-save.txt").write_text("stale")
     summary = _train(config, run.path, m0)
+    assert not stale.exists() and not (run.path / "iter1/m1/from-an-older-save.txt").exists()
     assert summary["resumed_from_step"] == 2 and summary["steps"] == 6 and summary["pairs"] == 4
     assert summary["rewards_margins_last"] > summary["rewards_margins_first"]  # chosen pulled above rejected
     assert "rewards_accuracies_mean" in summary and "logps_chosen_last" in summary
     base, chain = adapter_chain(run.path / "iter1/m1")
     assert base == str(tiny_model_dir) and chain == [m0.resolve(), (run.path / "iter1/m1").resolve()]
     assert json.loads((run.path / "iter1/m1/train_summary.json").read_text())["steps"] == 6
-    m1, _ = load_model(config.model, adapter=run.path / "iter1/m1")
-    assert m1 is not None
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6]])
+    m1_logits, m0_logits = (_logits(config, adapter, ids) for adapter in (run.path / "iter1/m1", m0))
+    assert not torch.allclose(m1_logits, m0_logits, atol=1e-4)  # training moved M1 away from M0
 
 
 def test_no_pairs_is_a_clear_error(tmp_path: Path, tiny_model_dir: Path) -> None:
@@ -131,6 +169,74 @@ def test_no_pairs_is_a_clear_error(tmp_path: Path, tiny_model_dir: Path) -> None
     (run.path / "iter1/preference.jsonl").write_text("")
     with pytest.raises(NoPairsError, match="no preference pair was kept"):
         _train(config, run.path, _m0(run.path, tiny_model_dir))
+
+
+def test_a_corrupt_preference_line_is_reported_by_file_and_line(tmp_path: Path, tiny_model_dir: Path) -> None:
+    from esc_evolve.errors import DataFormatError
+
+    config = _config(tmp_path, tiny_model_dir)
+    run = RunDir.create(config)
+    _write_pairs(run.path)
+    preference = run.path / "iter1/preference.jsonl"
+    lines = preference.read_text().splitlines(keepends=True)
+    preference.write_text(lines[0] + "\n" + lines[1][:40] + "\n" + "".join(lines[2:]))
+    with pytest.raises(DataFormatError, match=rf"{preference}:3: not a preference pair \(Expecting"):
+        _train(config, run.path, run.path / "m0")
+    preference.write_text(lines[0] + json.dumps({"prompt": [], "chosen": []}) + "\n")
+    with pytest.raises(DataFormatError, match=rf"{preference}:2: not a preference pair \(missing field 'rejected'\)"):
+        _train(config, run.path, run.path / "m0")
+
+
+def test_an_iteration_without_pairs_gives_its_parent_unchanged_with_a_valid_lineage(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    """The no-pairs path copies M_{t-1}: the copy answers exactly as its parent, and its lineage names the
+    parent's own parent, so the chain has no link twice (iteration 1: M0 on the backbone; iteration 2: M1 on M0)."""
+    from esc_evolve.pipeline.stages import copy_model
+
+    config = _config(tmp_path, tiny_model_dir)
+    run = RunDir.create(config)
+    m0 = _m0(run.path, tiny_model_dir)
+    ids = torch.tensor([[5, 9, 2, 7, 1, 3]])
+    for iteration in (1, 2):
+        (run.path / f"iter{iteration}").mkdir(exist_ok=True)
+        (run.path / f"iter{iteration}/preference.jsonl").write_text("")
+    summary = dpo_stage(run, 1)
+    m1 = run.path / "iter1/m1"
+    assert summary == {"iteration": 1, "pairs": 0, "steps": 0, "unchanged_from": "m0"}
+    assert adapter_chain(m1) == (str(tiny_model_dir), [m1.resolve()])
+    torch.testing.assert_close(_logits(config, m1, ids), _logits(config, m0, ids))
+
+    _random_adapter_on(config, m0, m1)  # as if iteration 1 had trained: M1 = M0 + a1
+    summary = dpo_stage(run, 2)
+    m2 = run.path / "iter2/m2"
+    assert summary == {"iteration": 2, "pairs": 0, "steps": 0, "unchanged_from": "m1"}
+    assert adapter_chain(m2) == (str(tiny_model_dir), [m0.resolve(), m2.resolve()])
+    torch.testing.assert_close(_logits(config, m2, ids), _logits(config, m1, ids))
+    assert not torch.allclose(_logits(config, m2, ids), _logits(config, m0, ids), atol=1e-4)
+    copy_model(m2, run.path / "elsewhere" / "copy")  # a copy of a copy still points at M0
+    assert adapter_chain(run.path / "elsewhere" / "copy")[1][0] == m0.resolve()
+
+
+def _logits(config: ExperimentConfig, adapter: Path, ids: torch.Tensor) -> torch.Tensor:
+    model, _ = load_model(config.model, adapter=adapter)
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def _random_adapter_on(config: ExperimentConfig, parent: Path, out: Path) -> None:
+    """A random (non-zero) LoRA adapter trained, as it were, on top of `parent`, saved to `out` with its lineage."""
+    import shutil
+
+    from peft import LoraConfig, get_peft_model
+
+    merged, _ = load_model(config.model, adapter=parent, merge=True)
+    torch.manual_seed(1)
+    shutil.rmtree(out, ignore_errors=True)
+    get_peft_model(
+        merged, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    ).save_pretrained(out)
+    write_lineage(out, config.model.name, parent)
 
 
 def test_pipeline_stage_logs_dpo_under_its_own_tensorboard_folder(tmp_path: Path, tiny_model_dir: Path) -> None:

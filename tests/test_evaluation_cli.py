@@ -45,6 +45,7 @@ def test_eval_responses_command(tmp_path):
 def test_eval_responses_user_error(tmp_path):
     result = CliRunner().invoke(_app(), ["eval-responses", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path)])
     assert result.exit_code == 2
+    assert "nope.jsonl: no such responses file" in " ".join(result.output.split())
 
 
 def test_human_eval_commands(tmp_path):

@@ -88,7 +88,9 @@ def test_fleiss_kappa_known_example():
 def test_three_raters_use_fleiss():
     raters = [{"i1": "first", "i2": "second"}, {"i1": "first", "i2": "second"}, {"i1": "first", "i2": "tie"}]
     kappa, measure, n = agreement(raters)
-    assert measure == "fleiss" and n == 2 and -1 <= kappa <= 1
+    # counts per item (first, second, tie): [3, 0, 0] and [0, 2, 1]; P_bar = (1 + 1/3) / 2 = 2/3,
+    # P_e = (3/6)^2 + (2/6)^2 + (1/6)^2 = 7/18 -> kappa = (2/3 - 7/18) / (1 - 7/18) = 5/11
+    assert measure == "fleiss" and n == 2 and kappa == pytest.approx(5 / 11)
 
 
 def test_bad_sheets_are_errors(tmp_path):

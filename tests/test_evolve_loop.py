@@ -11,15 +11,8 @@ from esc_evolve.evolve.loop import select_contexts as select
 from esc_evolve.evolve.pairs import PairStore
 from esc_evolve.evolve.principles import load_principles
 from esc_evolve.generation.types import GenerationRequest, GenerationResult, Generator
+from tests.pipeline_fixtures import FIELD_ANSWERS
 
-FIELD_ANSWERS = {
-    "emotion": " anxious.",
-    "intensity": " 4",
-    "situation": " a contract that may not be renewed.",
-    "profile": " keeps things short.",
-    "need": " reassurance.",
-    "critique": " named the contract and the wait.",
-}
 LOOP = "I'm so sorry to hear that. " * 5
 REFINED = "Waiting weeks to hear about your contract sounds exhausting. What would help most right now?"
 

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import importlib.util
+import threading
+import time
 from pathlib import Path
 
 import pytest
+import torch
 import typer
 from typer.testing import CliRunner
 
@@ -33,16 +36,16 @@ from tests.generation_fixtures import (
 
 
 @pytest.fixture(scope="module")
-def tiny(tiny_model_dir: Path):
-    """(model, tokenizer) of the tiny random Llama, loaded once for the module."""
-    return load_for_generation(tiny_model_config(tiny_model_dir))
+def tiny(varied_model_dir: Path):
+    """(model, tokenizer) of the tiny random Llama whose replies depend on the prompt, loaded once for the module."""
+    return load_for_generation(tiny_model_config(varied_model_dir))
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Batching, padding, KV cache: a batch gives what each prompt gives alone
 
 
-@pytest.mark.parametrize(
+ENGINE_PATHS = pytest.mark.parametrize(
     "settings",
     [
         {},
@@ -53,6 +56,9 @@ def tiny(tiny_model_dir: Path):
     ],
     ids=["defaults", "batched-prefill", "plain-generate", "row-prefill-dynamic-cache", "row-prefill-no-prefix"],
 )
+
+
+@ENGINE_PATHS
 def test_batched_greedy_equals_each_prompt_alone(tiny, settings) -> None:
     model, tokenizer = tiny
     engine = make_engine(model, tokenizer, batch_size=4, **settings)
@@ -66,6 +72,27 @@ def test_batched_greedy_equals_each_prompt_alone(tiny, settings) -> None:
         assert result.token_ids == alone.token_ids, request.id
         assert list(result.token_ids) == naive_tokens(model, tokenizer, request, engine.eos_ids), request.id
         assert result.text == alone.text
+
+
+@ENGINE_PATHS
+def test_a_broken_attention_mask_would_be_seen(tiny, settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The test above can fail: the model says something different for each prompt, and a mask that lets rows
+    see their padding changes what padded rows say, on every path of the engine."""
+    import esc_evolve.generation.hf as hf
+
+    model, tokenizer = tiny
+    engine = make_engine(model, tokenizer, batch_size=4, **settings)
+    requests = varied_requests(max_new_tokens=8)
+    alone = [engine.generate([r], progress=False)[0].token_ids for r in requests]
+    assert len(set(alone)) == len(requests)  # a reply depends on its prompt
+
+    def unmasked(rows, prefix):
+        ids, mask = layout(rows, prefix)
+        return ids, torch.ones_like(mask)
+
+    monkeypatch.setattr(hf, "layout", unmasked)
+    broken = [r.token_ids for r in engine.generate(requests, progress=False)]
+    assert broken != alone
 
 
 def test_results_come_back_in_input_order(tiny) -> None:
@@ -288,27 +315,50 @@ def test_openai_backend_retries_busy_servers_then_reports_errors(monkeypatch: py
 
 
 def test_openai_backend_sends_requests_concurrently_and_keeps_input_order() -> None:
+    """Without timing: the first two requests are answered only once both are in flight (a client sending one at
+    a time would fail here), and message 0 only after message 1 was answered, yet results come in input order.
+    How much faster concurrency is: benchmarks/openai_backend.py."""
+    both_sent = threading.Barrier(2, timeout=10)
+
+    def content(body) -> str:
+        return body["messages"][-1]["content"]
+
+    def hold(body) -> float:
+        if content(body) in ("message 0", "message 1"):
+            both_sent.wait()
+        deadline = time.monotonic() + 10
+        while content(body) == "message 0" and "message 1" not in map(content, server.answered):
+            assert time.monotonic() < deadline, "message 1 was never answered"
+            time.sleep(0.01)
+        return 0.0
+
     with loopback_server() as server:
-        server.delay = lambda body: 0.01 * (8 - int(body["messages"][-1]["content"].split()[-1]))  # last first
-        generator = OpenAIGenerator(server.base_url, "m", timeout=5, max_concurrency=4)
+        server.delay = hold
+        generator = OpenAIGenerator(server.base_url, "m", timeout=15, max_concurrency=4)
         requests = [GenerationRequest(messages=chat(f"message {i}"), id=f"c{i}") for i in range(8)]
         results = generator.generate(requests, progress=False)
     assert [r.text for r in results] == [f"echo: message {i}" for i in range(8)]
     assert [r.request_id for r in results] == [f"c{i}" for i in range(8)]
-    assert 1 < server.max_in_flight <= 4
-    answered = [b["messages"][-1]["content"] for b in server.answered]
-    assert sorted(answered) == [f"message {i}" for i in range(8)] and answered != sorted(answered)
+    assert 2 <= server.max_in_flight <= 4
+    answered = [content(b) for b in server.answered]
+    assert sorted(answered) == [f"message {i}" for i in range(8)]
+    assert answered.index("message 1") < answered.index("message 0")
 
 
 def test_openai_backend_failure_drops_the_requests_not_yet_sent() -> None:
+    """Request 0 is refused at once, every other one takes 0.1 s: sending all 20 would take 1 s with two
+    workers. How many were sent before the call raised: benchmarks/openai_backend.py."""
     with loopback_server() as server:
         server.reject = lambda body: body["messages"][-1]["content"] == "message 0"
-        server.delay = lambda _body: 0.02
+        server.delay = lambda body: 0.0 if body["messages"][-1]["content"] == "message 0" else 0.1
         generator = OpenAIGenerator(server.base_url, "m", timeout=5, max_concurrency=2)
         requests = [GenerationRequest(messages=chat(f"message {i}"), id=f"c{i}") for i in range(20)]
         with pytest.raises(GenerationError, match="request c0: .* answered 400"):
             generator.generate(requests, progress=False)
-    assert len(server.seen) < 10  # not all 20: the call failed, the queue was dropped (not retried: a 400)
+        sent = len(server.seen)
+        time.sleep(0.3)
+        assert len(server.seen) == sent  # nothing is sent after the call raised
+    assert sent < 20  # the queue was dropped, not drained (not retried either: a 400)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vllm is installed: the error path is moot")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ from esc_evolve.config import LoraSettings, validate_config
 from esc_evolve.training import settings
 from esc_evolve.training.data import build_sft_rows, load_replay, replay_row
 from esc_evolve.training.settings import FAMILY_TARGETS, lora_config, resolve_runtime, trl_sft_config
-from esc_evolve.training.sft import build_trainer, latest_checkpoint, train_sft
+from esc_evolve.training.sft import build_trainer, checkpoint_problem, latest_checkpoint, train_sft
 from esc_evolve.training.speed import compact_lm_head_on_cpu
 from tests.conftest import write_jsonl
 from tests.sft_fixtures import Interrupted, StopAt, tiny_config
@@ -292,13 +293,46 @@ def test_resume_continues_from_the_last_checkpoint(tmp_path: Path, tiny_model_di
         _train(config, out, callbacks=[StopAt(6)])  # killed after step 6; the last checkpoint is step 4
     checkpoints = out / "sft-checkpoints"
     assert latest_checkpoint(checkpoints).name == "checkpoint-4" and not (out / "m0").exists()
-    # A half-written newer checkpoint (no trainer_state.json) is ignored.
+    # Newer checkpoints that were cut are ignored: one without trainer_state.json, and two whose
+    # trainer_state.json is fine but whose weights or optimizer file is truncated (a crash before the disk
+    # had them, a full disk).
     (checkpoints / "checkpoint-5").mkdir()
+    for step, cut in ((6, "adapter_model.safetensors"), (7, "optimizer.pt")):
+        copy = Path(shutil.copytree(checkpoints / "checkpoint-4", checkpoints / f"checkpoint-{step}"))
+        data = (copy / cut).read_bytes()
+        (copy / cut).write_bytes(data[: len(data) - 100])
+    assert checkpoint_problem(checkpoints / "checkpoint-6") == "adapter_model.safetensors is cut short"
+    assert checkpoint_problem(checkpoints / "checkpoint-7") == "optimizer.pt is cut short"
+    assert checkpoint_problem(checkpoints / "checkpoint-4") is None
     first = FirstStep()
     summary = _train(config, out, callbacks=[first])
     assert first.first == 4 and summary["resumed_from_step"] == 4
     assert summary["steps"] == 8 and summary["session_steps"] == 4
     assert (out / "m0" / "adapter_config.json").is_file()
+
+
+class KilledAfterTraining(TrainerCallback):
+    """Stands in for a kill after the last step, before the adapter is published."""
+
+    def on_train_end(self, args, state, control, **kwargs) -> None:
+        raise Interrupted
+
+
+def test_a_run_killed_after_its_last_step_ends_with_the_same_steps_and_weights(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    """No checkpoint at the last step: resumed from one, transformers would train one step more (mid-epoch)."""
+    from safetensors.torch import load_file
+
+    config = tiny_config(tmp_path, tiny_model_dir, max_steps=4, save_steps=2)
+    whole = _train(config, tmp_path / "whole")
+    with pytest.raises(Interrupted):
+        _train(config, tmp_path / "killed", callbacks=[KilledAfterTraining()])
+    assert sorted(p.name for p in (tmp_path / "killed" / "sft-checkpoints").glob("checkpoint-*")) == ["checkpoint-2"]
+    resumed = _train(config, tmp_path / "killed")
+    assert resumed["resumed_from_step"] == 2 and resumed["steps"] == whole["steps"] == 4
+    got, expected = (load_file(tmp_path / run / "m0" / "adapter_model.safetensors") for run in ("killed", "whole"))
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in expected)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from esc_evolve.errors import ConfigError
 
@@ -43,6 +43,12 @@ class RunSettings(StrictModel):
     output_dir: str = "runs"
     seed: int = 42
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    m0_from: str | None = Field(
+        None,
+        description="Start from another run's M0 instead of training one: a run directory (its m0/) or an M0 "
+        "adapter folder, copied with its lineage by the sft stage (stages.json records the source). Ablations "
+        "share one M0 this way. Relative to the directory you run from.",
+    )
 
 
 class DataSettings(StrictModel):
@@ -209,6 +215,11 @@ class DPOSettings(TrainerSettings):
     ld_alpha: float | None = Field(
         None, ge=0.0, le=1.0, description="LD-DPO length control: weight of tokens past the shorter response."
     )
+    reference: Literal["current", "m0"] = Field(
+        "current",
+        description="The DPO reference: 'current' = M_t, the model being trained on (the method); 'm0' = M0 in "
+        "every iteration (an ablation; the same as 'current' in iteration 1).",
+    )
 
 
 class ReflectionFilters(StrictModel):
@@ -239,6 +250,36 @@ class EvolveSettings(StrictModel):
     )
     refine_top_p: float = Field(0.9, gt=0.0, le=1.0)
     filters: ReflectionFilters = ReflectionFilters()
+    reflection: Literal["generated", "oracle", "none"] = Field(
+        "generated",
+        description="Where the reflection that guides y' comes from: 'generated' by M_t (the method); 'oracle' = "
+        "emotion and situation filled from the gold annotation, the other fields generated; 'none' = y' from a plain "
+        "'improve your reply' prompt without reflection or principles (self-refinement alone).",
+    )
+    rejected_from: Literal["current", "m0"] = Field(
+        "current",
+        description="The rejected side y: M_t's own draft (the method), or M0's answer to the same context in every "
+        "iteration ('m0', anchored rejected side).",
+    )
+    update: Literal["dpo", "sft"] = Field(
+        "dpo",
+        description="How M_t becomes M_t+1: 'dpo' on its (y', y) pairs (the method), or 'sft' on the human replies "
+        "of the same contexts, no pairs generated (the data- and compute-matched SFT baseline; trained with the "
+        "dpo section's trainer settings).",
+    )
+    match_steps_of: str | None = Field(
+        None,
+        description="With update 'sft': a run directory whose iterN.dpo step counts each iteration trains for (the "
+        "compute match); null = the dpo schedule on all of the iteration's contexts.",
+    )
+
+    @model_validator(mode="after")
+    def _ablations_fit_the_update(self) -> EvolveSettings:
+        if self.update == "sft" and (self.reflection != "generated" or self.rejected_from != "current"):
+            raise ValueError("evolve.reflection and evolve.rejected_from shape DPO pairs; update 'sft' makes none")
+        if self.match_steps_of is not None and self.update != "sft":
+            raise ValueError("evolve.match_steps_of applies to update 'sft' only")
+        return self
 
 
 class JudgeSettings(StrictModel):
@@ -267,7 +308,16 @@ class EvalSettings(StrictModel):
 
     split_path: str | None = Field(None, description="Defaults to data.valid_path.")
     max_contexts: int | None = Field(200, ge=1)
-    models: list[str] = Field(default_factory=lambda: ["base", "m0", "m1", "m2", "human"])
+    context_seed: int | None = Field(
+        None,
+        description="Seed of the sample of eval.max_contexts contexts; null = run.seed. Set it in runs that differ "
+        "only in run.seed, so that they answer the same contexts (esc-evolve compare needs that).",
+    )
+    models: list[str] = Field(
+        default_factory=lambda: ["base", "m0", "m1", "m2", "human"],
+        description="base, m0, m1, ..., human; 'mK+refine' = M_K answering through draft, reflection and "
+        "refinement at answer time (evolve's prompts and settings; the inference-refine baseline).",
+    )
     metrics: list[str] = Field(
         default_factory=lambda: [
             "bleu",
@@ -389,6 +439,35 @@ class ServeSettings(StrictModel):
     profile_every: int = Field(3, ge=1, description="Infer the seeker's profile every K seeker turns (background).")
 
 
+class SimulateSettings(StrictModel):
+    """Simulated seekers playing role cards against each model (docs/simulation.md): the seeker simulator, the
+    length of a dialogue and which cards. Scores use the eval section's bootstrap, CI level, distractors and
+    strategy classifier."""
+
+    backend: str = Field(
+        "local",
+        description="A registered simulator backend: 'local' (a local model, no adapter) or 'openai' (an "
+        "OpenAI-compatible server: a strong simulator is one line away).",
+    )
+    model: str | None = Field(
+        None, description="local: a model id, alias or folder to play the seekers (default model.name, no adapter)."
+    )
+    openai: OpenAISettings | None = Field(
+        None, description="openai: the server; fields left unset come from generation.openai."
+    )
+    cards_path: str | None = Field(None, description="A role-card file (.yaml/.json/.jsonl); default the packaged.")
+    max_cards: int | None = Field(None, ge=1, description="A seeded sample of N cards (file order kept); null = all.")
+    turns: int = Field(8, ge=1, description="Supporter turns per dialogue (the seeker speaks first and after each).")
+    max_new_tokens: int = Field(64, ge=1, description="Token budget of one seeker message.")
+    rating_max_new_tokens: int = Field(64, ge=1, description="Token budget of the end rating and its reason.")
+    temperature: float = Field(0.7, ge=0.0, description="Seeker sampling (seeded per card and turn); 0 = greedy.")
+    top_p: float = Field(0.95, gt=0.0, le=1.0)
+    in_run: bool = Field(False, description="Add the stage `eval.simulate` to `esc-evolve run` (after eval).")
+    models: list[str] | None = Field(
+        None, description="The run's models the stage simulates (m0, m1, ...); null = m0 and the newest."
+    )
+
+
 class ExperimentConfig(StrictModel):
     """The whole pipeline: data -> model -> SFT -> evolve x N (DPO) -> eval."""
 
@@ -402,6 +481,7 @@ class ExperimentConfig(StrictModel):
     eval: EvalSettings = EvalSettings()
     safety: SafetySettings = SafetySettings()
     serve: ServeSettings = ServeSettings()
+    simulate: SimulateSettings = SimulateSettings()
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -15,3 +15,11 @@ class DataFormatError(EscEvolveError):
 
 class BackboneError(EscEvolveError):
     """A backbone cannot be resolved, converted or loaded."""
+
+
+class RunBusyError(EscEvolveError):
+    """Another process is writing the same run directory; the message names it (pid and host)."""
+
+
+class DiskFullError(EscEvolveError):
+    """The disk filled up while a run was writing; what was finished before is kept for --resume."""

@@ -33,14 +33,17 @@ def atomic_path(path: Path) -> Iterator[Path]:
     try:
         yield tmp
         os.replace(tmp, path)
+    except OSError as exc:
+        exc.filename = exc.filename or str(path)  # a failed write() names no file (e.g. a full disk): say which
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write via a temporary file and rename, so a reader never sees half a file."""
-    with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as handle:
-        handle.write(text)
+def write_atomic(path: Path, text: str | bytes) -> None:
+    """Write via a temporary file and rename, so a reader never sees half a file (text is written as UTF-8)."""
+    with atomic_path(path) as tmp, tmp.open("wb") as handle:
+        handle.write(text.encode("utf-8") if isinstance(text, str) else text)
         handle.flush()
         os.fsync(handle.fileno())
 

@@ -90,7 +90,17 @@ def run(
 
 def _register_stage_commands() -> None:
     """Commands of the stage packages, each in its own module (imported here, after the shared helpers)."""
-    from esc_evolve.cli import chat_cmd, eval_cmd, export_cmd, generate_cmd, safety_cmd, serve_cmd, sft_cmd
+    from esc_evolve.cli import (
+        chat_cmd,
+        compare_cmd,
+        eval_cmd,
+        export_cmd,
+        generate_cmd,
+        safety_cmd,
+        serve_cmd,
+        sft_cmd,
+        simulate_cmd,
+    )
 
     sft_cmd.register(app)
     generate_cmd.register(app)
@@ -99,6 +109,8 @@ def _register_stage_commands() -> None:
     chat_cmd.register(app)
     serve_cmd.register(app)
     export_cmd.register(app)
+    simulate_cmd.register(app)
+    compare_cmd.register(app)
 
 
 _register_stage_commands()

@@ -87,7 +87,7 @@ def eval_run(
     """(Re-)evaluate a run: every model answers the eval contexts (models already answered are reused), then
     metrics, CIs and the report, as the pipeline's eval stage does. Works on a run that only has m0."""
     from esc_evolve.logging_setup import setup_logging
-    from esc_evolve.pipeline import RunLayout
+    from esc_evolve.pipeline import RunLayout, RunLock
     from esc_evolve.pipeline.evaluation import evaluate_run, load_run_config
 
     cfg = load_run_config(run_dir, overrides)
@@ -98,7 +98,8 @@ def eval_run(
     target = RunLayout(out or run_dir)
     setup_logging(cfg.run.log_level, target.root / "logs" / "eval.log")
     provenance = {"command": "esc-evolve eval", "overrides": overrides or [], "split": split, "requested_models": model}
-    summary = evaluate_run(RunLayout(run_dir), cfg, models=model or None, out=target, provenance=provenance)
+    with RunLock(target.lock_file):  # the folder written is written by one process at a time
+        summary = evaluate_run(RunLayout(run_dir), cfg, models=model or None, out=target, provenance=provenance)
     console.print(
         f"[green]evaluated[/green] {summary['contexts']} contexts x {', '.join(summary['models'])} -> "
         f"{summary['report']}"

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from esc_evolve.cli.common import SetOption, console, user_errors
+
+if TYPE_CHECKING:
+    from esc_evolve.config import ExperimentConfig
 
 
 def register(app: typer.Typer) -> None:
@@ -25,16 +29,27 @@ def sft(
 
     Data-parallel: `accelerate launch --config_file configs/accelerate/<file>.yaml $(which esc-evolve) sft ...`.
     """
-    from transformers import set_seed
+    from contextlib import nullcontext
 
     from esc_evolve.config import load_config
-    from esc_evolve.logging_setup import setup_logging
-    from esc_evolve.pipeline import RunDir
-    from esc_evolve.pipeline.stages import sft as sft_stage
+    from esc_evolve.pipeline import RunLayout, RunLock
     from esc_evolve.training.settings import process_state
 
     cfg = load_config(config, overrides)
     state = process_state(cfg.model)
+    # One writer per run directory: the main process holds the lock for the processes it launched with.
+    lock = RunLock(RunLayout.of(cfg.run).lock_file) if state.is_main_process else nullcontext()
+    with lock:
+        _sft(cfg, state, resume)
+
+
+def _sft(cfg: ExperimentConfig, state: Any, resume: bool) -> None:
+    from transformers import set_seed
+
+    from esc_evolve.logging_setup import setup_logging
+    from esc_evolve.pipeline import RunDir
+    from esc_evolve.pipeline.stages import sft as sft_stage
+
     # The main process creates (or checks) the run directory; the others reopen the one it made.
     with state.main_process_first():
         run = RunDir.create(cfg, resume=resume or not state.is_main_process)

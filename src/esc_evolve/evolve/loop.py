@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import random
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,11 +25,17 @@ from esc_evolve.data import TurnSample
 from esc_evolve.data.prompts import build_messages, encode_prompt
 from esc_evolve.data.schema import Turn
 from esc_evolve.errors import ConfigError
-from esc_evolve.evolve.filters import decide_pair
+from esc_evolve.evolve.filters import decide_pair, edit_ratio
 from esc_evolve.evolve.pairs import PairRecord, PairStore
 from esc_evolve.evolve.principles import Principles, ReflectionField, load_principles
-from esc_evolve.evolve.refinement import refinement_system
-from esc_evolve.evolve.reflection import Reflection, build_reflection, reflection_messages
+from esc_evolve.evolve.refinement import plain_refinement_system, refinement_system
+from esc_evolve.evolve.reflection import (
+    Reflection,
+    build_reflection,
+    no_reflection,
+    oracle_values,
+    reflection_messages,
+)
 from esc_evolve.generation.types import GenerationRequest, GenerationResult, Generator
 from esc_evolve.safety.detector import RiskDetector, default_detector
 
@@ -58,7 +64,6 @@ class PairJob:
     system_prompt: str | None
     principles: Principles
     tokenizer: Any
-    risk_detector: RiskDetector
 
 
 def generate_pairs(
@@ -74,39 +79,66 @@ def generate_pairs(
     tokenizer: Any = None,
     chunk_size: int = 16,
     risk_detector: RiskDetector | None = None,
+    rejected: Mapping[str, GenerationResult] | None = None,
+    rejected_model: str | None = None,
 ) -> dict[str, Any]:
     """Append one record per context to `pairs_file` (skipping contexts already there); return counts.
 
     Reflection prompts are measured with `tokenizer`, by default the generator's own (so prompt and model agree),
     when they must fit the generator's context. `chunk_size` contexts are processed per batch (the pipeline passes
-    `generation.batch_size`)."""
-    tokenizer = tokenizer if tokenizer is not None else generator.tokenizer
-    if tokenizer is None and getattr(generator, "max_context", None):
-        raise ConfigError("reflection prompts are fitted to the model's context with its tokenizer: pass tokenizer=")
-    principles = principles or load_principles(settings.principles_path)
+    `generation.batch_size`). `rejected` (sample id -> reply of `rejected_model`) replaces M_t's own draft as the
+    rejected side (evolve.rejected_from); M_t still reflects on and refines its own draft."""
     detector = risk_detector or default_detector()  # a chosen reply that ignores a seeker at risk is never kept
-    job = PairJob(settings, iteration, seed, system_prompt, principles, tokenizer, detector)
+    job = pair_job(settings, generator, iteration, seed, system_prompt, principles, tokenizer)
     store = PairStore(pairs_file)
     done = store.done_ids()
     todo = [s for s in contexts if s.sample_id not in done]
     log.info("iteration %d: %d contexts, %d already done", iteration, len(contexts), len(contexts) - len(todo))
     for start in range(0, len(todo), chunk_size):
         chunk = todo[start : start + chunk_size]
-        store.append(_process_chunk(job, generator, chunk))
+        store.append(_process_chunk(job, generator, chunk, detector, rejected or {}, rejected_model))
         log.info("iteration %d: %d/%d contexts done", iteration, len(done) + start + len(chunk), len(contexts))
     return summarise(store, iteration)
 
 
-def _process_chunk(job: PairJob, generator: Generator, chunk: Sequence[TurnSample]) -> list[PairRecord]:
-    settings, principles = job.settings, job.principles
+def pair_job(
+    settings: EvolveSettings,
+    generator: Generator,
+    iteration: int,
+    seed: int,
+    system_prompt: str | None,
+    principles: Principles | None = None,
+    tokenizer: Any = None,
+) -> PairJob:
+    """The job's frame, with the defaults filled: the generator's tokenizer and the packaged principles."""
+    tokenizer = tokenizer if tokenizer is not None else generator.tokenizer
+    if tokenizer is None and getattr(generator, "max_context", None):
+        raise ConfigError("reflection prompts are fitted to the model's context with its tokenizer: pass tokenizer=")
+    principles = principles or load_principles(settings.principles_path)
+    return PairJob(settings, iteration, seed, system_prompt, principles, tokenizer)
+
+
+@dataclass(frozen=True)
+class Refined:
+    """One context through answer -> reflect -> refine."""
+
+    sample: TurnSample
+    prompt: list[dict[str, str]]  # the system prompt and the dialogue: the DPO prompt
+    draft: GenerationResult  # y
+    reflection: Reflection
+    refine_system: str
+    refined: GenerationResult  # y'
+
+
+def refine_chunk(job: PairJob, generator: Generator, chunk: Sequence[TurnSample]) -> list[Refined]:
+    """M_t answers each context, reflects (as `evolve.reflection` says) and writes y', all batched."""
+    settings = job.settings
     prompts = [build_messages(s.context, job.system_prompt) for s in chunk]
     drafts = generator.generate(
         [GenerationRequest(messages=p, id=s.sample_id) for p, s in zip(prompts, chunk, strict=True)]
     )
     reflections = _reflect(generator, job, chunk, [d.text for d in drafts])
-    refine_systems = [
-        refinement_system(job.system_prompt, principles, r, d.text) for r, d in zip(reflections, drafts, strict=True)
-    ]
+    refine_systems = [_refine_system(job, r, d.text) for r, d in zip(reflections, drafts, strict=True)]
     refined = generator.generate(
         [
             GenerationRequest(
@@ -119,9 +151,48 @@ def _process_chunk(job: PairJob, generator: Generator, chunk: Sequence[TurnSampl
             for s, rs in zip(chunk, refine_systems, strict=True)
         ]
     )
-    risks = seekers_at_risk(job.risk_detector, chunk)
-    items = zip(chunk, prompts, drafts, reflections, refine_systems, refined, risks, strict=True)
-    return [_record(job, *item) for item in items]
+    items = zip(chunk, prompts, drafts, reflections, refine_systems, refined, strict=True)
+    return [Refined(*item) for item in items]
+
+
+def answer_with_refinement(
+    settings: EvolveSettings,
+    samples: Sequence[TurnSample],
+    generator: Generator,
+    *,
+    seed: int,
+    system_prompt: str | None,
+    chunk_size: int = 16,
+) -> list[Refined]:
+    """M_t answering through draft, reflection and refinement at answer time (the inference-refine baseline, no
+    DPO): y' is the reply. The same prompts and settings as an iteration's pairs (`evolve`), seeded as iteration 0."""
+    job = pair_job(settings, generator, 0, seed, system_prompt)
+    done: list[Refined] = []
+    for start in range(0, len(samples), chunk_size):
+        done += refine_chunk(job, generator, samples[start : start + chunk_size])
+    return done
+
+
+def _refine_system(job: PairJob, reflection: Reflection, draft: str) -> str:
+    if job.settings.reflection == "none":
+        return plain_refinement_system(job.system_prompt or "", draft)
+    return refinement_system(job.system_prompt, job.principles, reflection, draft)
+
+
+def _process_chunk(
+    job: PairJob,
+    generator: Generator,
+    chunk: Sequence[TurnSample],
+    detector: RiskDetector,
+    rejected: Mapping[str, GenerationResult],
+    rejected_model: str | None,
+) -> list[PairRecord]:
+    refined = refine_chunk(job, generator, chunk)
+    risks = seekers_at_risk(detector, chunk)
+    return [
+        _record(job, item, risk, rejected.get(item.sample.sample_id), rejected_model)
+        for item, risk in zip(refined, risks, strict=True)
+    ]
 
 
 def seekers_at_risk(detector: RiskDetector, chunk: Sequence[TurnSample]) -> list[bool]:
@@ -132,12 +203,18 @@ def seekers_at_risk(detector: RiskDetector, chunk: Sequence[TurnSample]) -> list
 
 
 def _reflect(generator: Generator, job: PairJob, chunk: Sequence[TurnSample], drafts: list[str]) -> list[Reflection]:
-    """All fields of all contexts in one batched call; each answer continues the field's fixed prefix."""
+    """All fields of all contexts in one batched call; each answer continues the field's fixed prefix. With
+    `evolve.reflection: oracle` the fields the gold profile answers are filled from it and not asked; with `none`
+    nothing is asked."""
+    if job.settings.reflection == "none":
+        return [no_reflection() for _ in chunk]
+    oracle = job.settings.reflection == "oracle"
+    given = [oracle_values(s.profile) if oracle else {} for s in chunk]
     requests = []
     fields = job.principles.reflection_fields
     max_context = getattr(generator, "max_context", None)
-    for sample, draft in zip(chunk, drafts, strict=True):
-        for field in fields:
+    for sample, draft, gold in zip(chunk, drafts, given, strict=True):
+        for field in (f for f in fields if f.name not in gold):
             max_new = min(field.max_new_tokens, job.settings.reflection_max_new_tokens)
             budget = max_context - max_new if max_context else None
             requests.append(
@@ -150,11 +227,11 @@ def _reflect(generator: Generator, job: PairJob, chunk: Sequence[TurnSample], dr
                     id=f"{sample.sample_id}:{field.name}",
                 )
             )
-    results = iter(generator.generate(requests))
+    results = iter(generator.generate(requests) if requests else [])
     reflections = []
-    for _ in chunk:
-        raw = {field.name: next(results).text for field in fields}
-        reflections.append(build_reflection(job.principles, raw))
+    for gold in given:
+        raw = {field.name: next(results).text for field in fields if field.name not in gold}
+        reflections.append(build_reflection(job.principles, raw, gold))
     return reflections
 
 
@@ -182,20 +259,20 @@ def reflection_prompt(
 
 def _record(
     job: PairJob,
-    sample: TurnSample,
-    prompt: list[dict[str, str]],
-    draft: GenerationResult,
-    reflection: Reflection,
-    refine_system: str,
-    refined: GenerationResult,
+    item: Refined,
     seeker_at_risk: bool,
+    anchor: GenerationResult | None = None,
+    anchor_model: str | None = None,
 ) -> PairRecord:
+    """The pair (y', y) of one context; `anchor`, when given, is the rejected side instead of M_t's draft."""
+    sample, draft, refined = item.sample, item.draft, item.refined
+    rejected = anchor or draft
     decision = decide_pair(
         refined.text,
-        draft.text,
-        reflection_parsed=reflection.parsed,
+        rejected.text,
+        reflection_parsed=item.reflection.parsed,
         chosen_finish=refined.finish_reason,
-        rejected_finish=draft.finish_reason,
+        rejected_finish=rejected.finish_reason,
         filters=job.settings.filters,
         seeker_at_risk=seeker_at_risk,
     )
@@ -203,11 +280,11 @@ def _record(
         sample_id=sample.sample_id,
         iteration=job.iteration,
         principles_version=job.principles.version,
-        prompt=prompt,
-        rejected=draft.text.strip(),
-        rejected_finish=draft.finish_reason,
-        reflection=reflection.to_dict(),
-        refine_system=refine_system,
+        prompt=item.prompt,
+        rejected=rejected.text.strip(),
+        rejected_finish=rejected.finish_reason,
+        reflection=item.reflection.to_dict(),
+        refine_system=item.refine_system,
         chosen=refined.text.strip(),
         chosen_finish=refined.finish_reason,
         keep=decision.keep,
@@ -220,6 +297,8 @@ def _record(
             "human_response": sample.response,
             "strategy": sample.strategy,
         },
+        rejected_model=anchor_model if anchor is not None else None,
+        draft=draft.text.strip() if anchor is not None else None,
     )
 
 
@@ -238,6 +317,33 @@ def summarise(store: PairStore, iteration: int) -> dict[str, Any]:
         "dropped_by_reason": dict(reasons.most_common()),
         "rejected_degenerate": dict(Counter(r.rejected_degenerate for r in records if r.rejected_degenerate)),
         "chosen_degenerate_rate": _rate(sum(any(x.startswith("chosen_") for x in r.reasons) for r in records), total),
+    }
+
+
+def pair_statistics(records: Iterable[PairRecord]) -> dict[str, Any]:
+    """What an iteration's pairs look like: kept and dropped (with reasons), the mean length in words of the chosen
+    and rejected sides, and their similarity (1 - the word-level edit distance the `too_similar` filter reads),
+    over the kept pairs (what DPO trains on) and over all contexts."""
+    records = list(records)
+    kept = [r for r in records if r.keep]
+    return {
+        "contexts": len(records),
+        "kept": len(kept),
+        "dropped": len(records) - len(kept),
+        "dropped_by_reason": dict(Counter(reason for r in records for reason in r.reasons).most_common()),
+        "kept_pairs": _side_statistics(kept),
+        "all_contexts": _side_statistics(records),
+    }
+
+
+def _side_statistics(records: Sequence[PairRecord]) -> dict[str, float | None]:
+    def mean(values: list[float]) -> float | None:
+        return round(sum(values) / len(values), 4) if values else None
+
+    return {
+        "chosen_words": mean([len(r.chosen.split()) for r in records]),
+        "rejected_words": mean([len(r.rejected.split()) for r in records]),
+        "similarity": mean([1.0 - edit_ratio(r.chosen, r.rejected) for r in records]),
     }
 
 

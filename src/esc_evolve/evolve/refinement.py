@@ -29,6 +29,14 @@ def refinement_system(base_system: str, principles: Principles, reflection: Refl
     )
 
 
+def plain_refinement_system(base_system: str, draft: str) -> str:
+    """Self-refinement alone (evolve.reflection: none): improve the draft, with no reflection and no principles."""
+    return (
+        f'{base_system}\n\nYour first draft reply was: "{draft}"\n'
+        "Now write an improved reply to them, in your own words, without repeating the draft."
+    )
+
+
 def refinement_messages(
     context: Sequence[Turn], base_system: str, principles: Principles, reflection: Reflection, draft: str
 ) -> list[dict[str, str]]:

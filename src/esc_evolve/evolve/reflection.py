@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-from esc_evolve.data.schema import Turn
+from esc_evolve.data.schema import SeekerProfile, Turn
 from esc_evolve.data.vocabulary import matched_labels
 from esc_evolve.evolve.principles import Principles, ReflectionField
 from esc_evolve.text import ends_in_a_loop, has_role_marker, low_word_variety
@@ -23,6 +23,7 @@ from esc_evolve.text import ends_in_a_loop, has_role_marker, low_word_variety
 ParseStatus = Literal["ok", "empty", "no_label", "degenerate"]
 
 ROLE_LABEL = {"seeker": "Person", "supporter": "Supporter"}
+ORACLE_RAW = "(gold annotation)"  # the raw text of a field filled from the gold profile (evolve.reflection: oracle)
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s")
 
 
@@ -98,10 +99,37 @@ def parse_field(field: ReflectionField, raw: str) -> FieldParse:
     return FieldParse(field.name, raw, text, "ok")
 
 
-def build_reflection(principles: Principles, raw_by_field: dict[str, str]) -> Reflection:
-    fields = {f.name: parse_field(f, raw_by_field.get(f.name, "")) for f in principles.reflection_fields}
+def build_reflection(
+    principles: Principles, raw_by_field: dict[str, str], given: dict[str, str] | None = None
+) -> Reflection:
+    """Parse each field's raw answer; fields in `given` take that value as they are (the oracle's gold ones)."""
+    given = given or {}
+    fields = {
+        f.name: FieldParse(f.name, ORACLE_RAW, given[f.name], "ok")
+        if f.name in given
+        else parse_field(f, raw_by_field.get(f.name, ""))
+        for f in principles.reflection_fields
+    }
     required = tuple(f.name for f in principles.reflection_fields if f.required)
     return Reflection(fields=fields, required=required)
+
+
+def no_reflection() -> Reflection:
+    """The empty reflection of self-refinement alone (evolve.reflection: none): nothing inferred, nothing required."""
+    return Reflection(fields={}, required=())
+
+
+def oracle_values(profile: SeekerProfile) -> dict[str, str]:
+    """The reflection fields the gold annotation answers: the emotion (emotion_type) and the situation (problem
+    type and the seeker's own description, so that it names the problem as a generated one does). A field whose
+    gold value is missing is left out, and generated."""
+    values = {}
+    if profile.emotion_type:
+        values["emotion"] = profile.emotion_type.lower()
+    parts = [p.strip() for p in (profile.problem_type, profile.situation) if p and p.strip()]
+    if parts:
+        values["situation"] = ": ".join(parts)
+    return values
 
 
 def reflection_summary(reflection: Reflection, principles: Principles) -> str:

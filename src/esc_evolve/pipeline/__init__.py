@@ -11,10 +11,11 @@ config and the finished stages, `stages.py` reads each stage's inputs from the l
 functions of training/, evolve/ and evaluation/ (which know nothing of run directories), and `evaluation.py`
 generates the responses that evaluation scores. A stage recorded as finished is skipped on `--resume`; a stage
 killed midway continues from what it saved (pairs are appended per chunk, training resumes from checkpoints).
+One process at a time writes a run directory (`RunLock`, RUN/.lock).
 """
 
 from esc_evolve.pipeline.layout import RunLayout
-from esc_evolve.pipeline.rundir import RunDir
+from esc_evolve.pipeline.rundir import RunDir, RunLock
 from esc_evolve.pipeline.stages import run_pipeline, stages
 
-__all__ = ["RunDir", "RunLayout", "run_pipeline", "stages"]
+__all__ = ["RunDir", "RunLayout", "RunLock", "run_pipeline", "stages"]

@@ -14,10 +14,11 @@ from __future__ import annotations
 import logging
 import random
 import shutil
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from esc_evolve.config import ExperimentConfig, GenerationSettings, ModelSettings
+from esc_evolve.config import EvolveSettings, ExperimentConfig, GenerationSettings, ModelSettings
 from esc_evolve.data import TurnSample, load_split, load_train
 from esc_evolve.data.prompts import build_messages
 from esc_evolve.errors import ConfigError
@@ -31,8 +32,9 @@ from esc_evolve.evaluation.responses import (
     samples_by_id,
     write_responses,
 )
-from esc_evolve.pipeline.layout import RunLayout
+from esc_evolve.pipeline.layout import RunLayout, refines_at_inference
 from esc_evolve.pipeline.rundir import RunDir
+from esc_evolve.storage import read_json, write_json_atomic
 
 if TYPE_CHECKING:
     from esc_evolve.evaluation.evaluate import EvalResult
@@ -44,6 +46,37 @@ log = logging.getLogger(__name__)
 def eval_stage(run: RunDir) -> dict[str, Any]:
     """Pipeline stage `eval`: generate with every model of the run, score, write the report."""
     return evaluate_run(run.layout, run.config)
+
+
+def simulate_stage(run: RunDir) -> dict[str, Any]:
+    """Pipeline stage `eval.simulate` (with `simulate.in_run`): the run's models (`simulate.models`, default m0
+    and the newest) talk with simulated seekers; transcripts, scores and report in `RUN/eval/simulate/`."""
+    import functools
+
+    from esc_evolve.generation import build_generator
+    from esc_evolve.simulation import load_role_cards
+    from esc_evolve.simulation.rollout import Supporter, select_cards
+    from esc_evolve.simulation.runner import simulate_models
+
+    config, layout = run.config, run.layout
+    names = config.simulate.models or list(dict.fromkeys(["m0", layout.model_names()[-1]]))
+    missing = [n for n in names if n == HUMAN or not _exists(layout, n)]
+    if missing:
+        raise ConfigError(f"simulate.models: {', '.join(missing)} not in {layout.root}")
+    supporters = [
+        Supporter(
+            name,
+            f"{name} of {layout.root}",
+            functools.partial(
+                build_generator, config.model, config.generation, layout.adapter_of(name), seed=config.run.seed
+            ),
+            config.data.system_prompt,
+        )
+        for name in names
+    ]
+    pool = load_role_cards(config.simulate.cards_path)
+    cards = select_cards(pool, config.simulate.max_cards, config.run.seed)
+    return simulate_models(cards, supporters, config, layout.eval_dir / "simulate", pool=pool)
 
 
 def evaluate_run(
@@ -76,6 +109,7 @@ def evaluate_run(
         adapters,
         out.responses_file,
         seed=config.run.seed,
+        evolve=config.evolve,
     )
     table = read_eval_table(out.responses_file, samples, list(adapters), include_human=HUMAN in wanted)
     result = score_table(table, config, out.eval_dir)
@@ -103,7 +137,8 @@ def eval_contexts(config: ExperimentConfig) -> list[TurnSample]:
         raise ConfigError("evaluation needs eval.split_path or data.valid_path")
     samples = load_split(source, config.data).samples
     if config.eval.max_contexts and len(samples) > config.eval.max_contexts:
-        samples = random.Random(config.run.seed).sample(samples, config.eval.max_contexts)
+        seed = config.run.seed if config.eval.context_seed is None else config.eval.context_seed
+        samples = random.Random(seed).sample(samples, config.eval.max_contexts)
     return samples
 
 
@@ -116,8 +151,11 @@ def generate_responses(
     out: Path,
     *,
     seed: int,
+    evolve: EvolveSettings | None = None,
 ) -> None:
-    """Append each model's responses to `out`, skipping models already complete there."""
+    """Append each model's responses to `out`, skipping models already complete there. An `mK+refine` model
+    answers through draft, reflection and refinement with `evolve`'s settings. Each model's generation time goes
+    to `generation_time.json` beside `out`."""
     from esc_evolve.generation import GenerationRequest, build_generator
 
     ids = {s.sample_id for s in samples}
@@ -128,22 +166,64 @@ def generate_responses(
             log.info("evaluation: responses of %s already generated", name)
             continue
         log.info("evaluation: generating %d responses with %s", len(samples), name)
+        started = time.perf_counter()
         with build_generator(model, generation, adapter, seed=seed) as generator:
-            results = generator.generate(requests)
-        rows = [
-            ResponseRow(
-                sample_id=s.sample_id,
-                model=name,
-                response=r.text.strip(),
-                sample=s,
-                meta={"finish_reason": r.finish_reason, "tokens": r.num_tokens},
-            )
-            for s, r in zip(samples, results, strict=True)
-        ]
+            if refines_at_inference(name):
+                rows = refined_rows(evolve or EvolveSettings(), generator, samples, name, system_prompt, seed)
+            else:
+                results = generator.generate(requests)
+                rows = [
+                    ResponseRow(
+                        sample_id=s.sample_id,
+                        model=name,
+                        response=r.text.strip(),
+                        sample=s,
+                        meta={"finish_reason": r.finish_reason, "tokens": r.num_tokens},
+                    )
+                    for s, r in zip(samples, results, strict=True)
+                ]
+        record_generation_time(out.parent / GENERATION_TIME_FILE, name, len(samples), time.perf_counter() - started)
         # A model that answered some of these contexts before (another --max-contexts) is replaced on them,
         # so that no (context, model) pair is written twice.
         previous = [r for r in read_rows(out) if r.model != name or r.sample_id not in ids] if out.is_file() else []
         write_responses(out, [*previous, *rows])  # atomic: a kill mid-write keeps the previous models
+
+
+def refined_rows(
+    evolve: EvolveSettings,
+    generator: Any,
+    samples: list[TurnSample],
+    name: str,
+    system_prompt: str | None,
+    seed: int,
+) -> list[ResponseRow]:
+    """The replies of `mK+refine`: y' of draft -> reflect -> refine, with the reflection (scored by the reflection
+    metric) and the draft kept in the row."""
+    from esc_evolve.evolve.loop import answer_with_refinement
+
+    done = answer_with_refinement(evolve, samples, generator, seed=seed, system_prompt=system_prompt)
+    return [
+        ResponseRow(
+            sample_id=d.sample.sample_id,
+            model=name,
+            response=d.refined.text.strip(),
+            reflection=eval_reflection(d.reflection.to_dict().get("fields", {})),
+            sample=d.sample,
+            meta={"finish_reason": d.refined.finish_reason, "tokens": d.refined.num_tokens, "draft": d.draft.text},
+        )
+        for d in done
+    ]
+
+
+GENERATION_TIME_FILE = "generation_time.json"  # beside responses.jsonl (RunLayout.generation_time_file)
+
+
+def record_generation_time(path: Path, model: str, replies: int, seconds: float) -> None:
+    """Wall time of one model's replies (loading included), so that answering with refinement can be priced
+    against answering directly. Kept out of responses.jsonl: rerunning the same config writes the same rows."""
+    times = read_json(path) or {}
+    times[model] = {"replies": replies, "seconds": round(seconds, 3), "seconds_per_reply": round(seconds / replies, 4)}
+    write_json_atomic(path, times)
 
 
 def read_eval_table(path: Path, samples: list[TurnSample], models: list[str], include_human: bool) -> ResponsesTable:
@@ -193,7 +273,15 @@ def iteration_reflections(layout: RunLayout, config: ExperimentConfig) -> dict[s
 def reflection_row(record: PairRecord, model: str) -> ResponseRow:
     """A pair record as evaluation sees a reflection: the inferred emotion, and the situation sentence, which
     names the problem (matched against the gold problem type) and the situation itself."""
-    fields = record.reflection.get("fields", {})
+    reflection = eval_reflection(record.reflection.get("fields", {}))
+    return ResponseRow(sample_id=record.sample_id, model=model, response=record.rejected, reflection=reflection)
+
+
+def eval_reflection(fields: dict[str, Any]) -> Reflection | None:
+    """The parsed fields of an evolve reflection (`Reflection.to_dict()["fields"]`) as evaluation reads them; None
+    when no field was asked (self-refinement alone, evolve.reflection: none)."""
+    if not fields:
+        return None
 
     def value(name: str) -> str | None:
         parse = fields.get(name) or {}
@@ -201,10 +289,8 @@ def reflection_row(record: PairRecord, model: str) -> ResponseRow:
 
     parsed = {name: value(name) for name in fields}
     text = "; ".join(f"{name}: {v}" for name, v in parsed.items() if v)
-    reflection = Reflection(
-        emotion=value("emotion"), problem=value("situation"), situation=value("situation"), text=text or None
-    )
-    return ResponseRow(sample_id=record.sample_id, model=model, response=record.rejected, reflection=reflection)
+    situation = value("situation")  # it names the problem too: matched against the gold problem type
+    return Reflection(emotion=value("emotion"), problem=situation, situation=situation, text=text or None)
 
 
 def load_run_config(run_path: Path, overrides: list[str] | None = None) -> ExperimentConfig:

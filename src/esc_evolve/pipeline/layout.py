@@ -1,10 +1,12 @@
 """`RunLayout`: the one place that knows where each artifact of a run lives.
 
-    RUN/config.yaml  meta.json  stages.json  logs/run.log  logs/tensorboard/<stage>/
+    RUN/config.yaml  meta.json  stages.json  .lock  logs/run.log  logs/tensorboard/<stage>/
     RUN/prepare.json
     RUN/m0/  m0-merged/  sft-checkpoints/                   phase 1 (M0)
     RUN/iterN/pairs.jsonl  preference.jsonl  dpo-checkpoints/  mN/     phase 2, iteration N (M_N)
-    RUN/eval/responses.jsonl  (+ judge records)               evaluation
+    RUN/iterN/anchor.jsonl                                    M0's replies, the rejected side (evolve.rejected_from)
+    RUN/iterN/sft-checkpoints/                                M_N by SFT on human replies (evolve.update: sft)
+    RUN/eval/responses.jsonl  generation_time.json  (+ judge records)   evaluation
     RUN/report.html  report.md  metrics.json  plots/          the report
 
 Stage functions never build these paths: the pipeline asks the layout and passes the paths in.
@@ -20,7 +22,8 @@ from esc_evolve.config import RunSettings
 
 BASE = "base"  # the backbone without adapter
 HUMAN = "human"  # the reference replies (not a model folder)
-_ITERATED = re.compile(r"m(\d+)")
+REFINE = "+refine"  # `mK+refine`: M_K answering through draft, reflection and refinement at answer time
+_ITERATED = re.compile(r"m(\d+)(?:\+refine)?")
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,10 @@ class RunLayout:
     @property
     def stages_file(self) -> Path:
         return self.root / "stages.json"
+
+    @property
+    def lock_file(self) -> Path:
+        return self.root / ".lock"
 
     @property
     def log_file(self) -> Path:
@@ -80,6 +87,12 @@ class RunLayout:
     def dpo_work_dir(self, iteration: int) -> Path:
         return self.iteration_dir(iteration) / "dpo-checkpoints"
 
+    def anchor_file(self, iteration: int) -> Path:
+        return self.iteration_dir(iteration) / "anchor.jsonl"
+
+    def sft_more_work_dir(self, iteration: int) -> Path:
+        return self.iteration_dir(iteration) / "sft-checkpoints"
+
     def iterations(self) -> list[int]:
         """The iterations that have a folder, in order."""
         found = (p.name.removeprefix("iter") for p in self.root.glob("iter*"))
@@ -95,17 +108,22 @@ class RunLayout:
         return self.eval_dir / "responses.jsonl"
 
     @property
+    def generation_time_file(self) -> Path:
+        return self.eval_dir / "generation_time.json"
+
+    @property
     def report_dir(self) -> Path:
         return self.root
 
     # Models by name: base, m0, m1, ...
     def adapter_of(self, name: str) -> Path | None:
-        """The adapter folder of model `name` (`base`: None, the backbone itself); ValueError for other names."""
+        """The adapter folder of model `name` (`base`: None, the backbone itself; `mK+refine`: M_K's); ValueError
+        for other names."""
         if name == BASE:
             return None
         match = _ITERATED.fullmatch(name)
         if not match:
-            raise ValueError(f"not a model of a run: {name!r} (expected base, m0, m1, ...)")
+            raise ValueError(f"not a model of a run: {name!r} (expected base, m0, m1, ..., or mK{REFINE})")
         return self.model_dir(int(match.group(1)))
 
     def has_model(self, name: str) -> bool:
@@ -116,3 +134,8 @@ class RunLayout:
         """base, m0 and every mN whose adapter exists, in order."""
         names = [BASE, "m0", *(f"m{k}" for k in self.iterations())]
         return [n for n in names if self.has_model(n)]
+
+
+def refines_at_inference(name: str) -> bool:
+    """Whether model `name` answers through draft, reflection and refinement (`mK+refine`)."""
+    return name.endswith(REFINE)

@@ -1,22 +1,29 @@
-"""A run directory: the resolved config, seed, versions and the record of finished stages.
+"""A run directory: the resolved config, seed, versions, the record of finished stages, and its one writer.
 
 A stage that finished is recorded in `stages.json` (written atomically) with its summary, and is not redone on
-`--resume`. Where things live is `RunLayout`'s business.
+`--resume`. `RunLock` keeps a second process from writing the same run. Where things live is `RunLayout`'s
+business.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
+import socket
 from pathlib import Path
-from typing import Any
+from types import TracebackType
+from typing import IO, Any
 
 import yaml
 
 from esc_evolve.config import ExperimentConfig, dump_config, validate_config
-from esc_evolve.errors import ConfigError
+from esc_evolve.errors import ConfigError, RunBusyError
 from esc_evolve.pipeline.layout import RunLayout
 from esc_evolve.provenance import environment, now
 from esc_evolve.storage import write_atomic, write_json_atomic
+
+log = logging.getLogger(__name__)
 
 
 class RunDir:
@@ -74,3 +81,71 @@ def read_run_config(root: Path) -> ExperimentConfig:
     """The config a run directory was made with (old key names migrated)."""
     saved = RunLayout(root).config_file
     return validate_config(yaml.safe_load(saved.read_text(encoding="utf-8")) or {}, source=str(saved))
+
+
+class RunLock:
+    """One writer per run directory: an exclusive `flock` on `RUN/.lock`, a file that names the holder (pid, host).
+
+    The kernel releases the lock when its process ends, even by SIGKILL, so a lock left by a dead process is free
+    and the next writer takes it over, logging whose it was (the file still names it). The file is emptied on
+    release, never deleted: a process could otherwise lock the deleted file while another locks a new one.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._handle: IO[str] | None = None
+
+    def __enter__(self) -> RunLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.release()
+
+    def acquire(self) -> None:
+        """Take the lock, or raise `RunBusyError` naming the process that holds it."""
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle = self.path.open("a+", encoding="utf-8")
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise RunBusyError(
+                f"run directory {self.path.parent} is being written by {_describe(_holder(self.path))}; only one "
+                "process may write a run directory: wait for it to finish, or stop it and rerun with --resume"
+            ) from None
+        left = _holder(self.path)
+        if left:  # not emptied by a release: its process ended without one (killed)
+            log.warning("run directory %s: taking over the lock left by %s", self.path.parent, _describe(left))
+        handle.seek(0)
+        handle.truncate()
+        handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": now()}) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+        self._handle = handle
+
+    def release(self) -> None:
+        import fcntl
+
+        if self._handle is None:
+            return
+        self._handle.truncate(0)  # an empty lock file: released cleanly
+        self._handle.flush()
+        fcntl.flock(self._handle.fileno(), fcntl.LOCK_UN)
+        self._handle.close()
+        self._handle = None
+
+
+def _holder(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8") or "null")
+    except (OSError, ValueError):  # being written this instant, or cut: the holder is unknown
+        return None
+
+
+def _describe(holder: dict[str, Any] | None) -> str:
+    if not holder:
+        return "another process"
+    return f"pid {holder.get('pid')} on host {holder.get('host')} (since {holder.get('since')})"

@@ -3,7 +3,9 @@ and returns its summary for `stages.json`."""
 
 from __future__ import annotations
 
+import errno
 import functools
+import json
 import logging
 import shutil
 import time
@@ -14,9 +16,11 @@ from typing import Any
 from esc_evolve.config import ExperimentConfig
 from esc_evolve.data import load_split, load_train
 from esc_evolve.data.prompts import build_messages
+from esc_evolve.errors import ConfigError, DiskFullError
 from esc_evolve.logging_setup import setup_logging
-from esc_evolve.pipeline.rundir import RunDir
-from esc_evolve.storage import publish_folder, staging_folder, write_json_atomic
+from esc_evolve.pipeline.layout import RunLayout
+from esc_evolve.pipeline.rundir import RunDir, RunLock
+from esc_evolve.storage import publish_folder, read_json, staging_folder, write_atomic, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -24,33 +28,67 @@ Stage = Callable[[RunDir], dict[str, Any]]
 
 
 def run_pipeline(config: ExperimentConfig, resume: bool = False) -> Path:
+    """Run every stage not yet finished, in order, as the one writer of the run directory."""
+    layout = RunLayout.of(config.run)
+    setup_logging(config.run.log_level, layout.log_file)
+    with RunLock(layout.lock_file):
+        run = RunDir.create(config, resume=resume)
+        log.info("run directory: %s", run.path)
+        for name, stage in stages(config):
+            if run.stage_done(name):
+                log.info("stage %s: already finished, skipped", name)
+                continue
+            run_stage(run, name, stage)
+    return run.path
+
+
+def run_stage(run: RunDir, name: str, stage: Stage) -> None:
+    """One stage, recorded in stages.json when it finishes. A full disk stops the run with a message: what was
+    finished before (stages, written pairs, checkpoints, published models) stays usable by --resume."""
     from transformers import set_seed
 
-    run = RunDir.create(config, resume=resume)
-    setup_logging(config.run.log_level, run.log_file)
-    set_seed(config.run.seed)
-    log.info("run directory: %s", run.path)
-    for name, stage in stages(config):
-        if run.stage_done(name):
-            log.info("stage %s: already finished, skipped", name)
-            continue
-        started = time.perf_counter()
+    log.info("stage %s: started", name)
+    set_seed(run.config.run.seed)  # each stage starts from the same RNG state, resumed or not
+    started = time.perf_counter()
+    try:
         summary = stage(run)
-        summary["wall_seconds"] = round(time.perf_counter() - started, 2)
-        run.mark_done(name, summary)
-        log.info("stage %s: finished in %.1f s", name, summary["wall_seconds"])
-    return run.path
+    except Exception as exc:
+        full = _disk_full(exc)
+        if full is None:
+            raise
+        where = f" writing {full.filename}" if isinstance(full, OSError) and full.filename else ""
+        raise DiskFullError(
+            f"stage {name}: no space left on the device{where}; free some space and rerun with --resume "
+            "(finished stages, written pairs and checkpoints are kept)"
+        ) from exc
+    summary["wall_seconds"] = round(time.perf_counter() - started, 2)
+    run.mark_done(name, summary)
+    log.info("stage %s: finished in %.1f s", name, summary["wall_seconds"])
+
+
+def _disk_full(exc: BaseException | None) -> BaseException | None:
+    """The ENOSPC error in `exc`'s chain: an OSError, or the message of a writer that wraps one (safetensors)."""
+    while exc is not None:
+        if (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or "No space left on device" in str(exc):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def stages(config: ExperimentConfig) -> list[tuple[str, Stage]]:
     """The stages of a run, in order, for `evolve.iterations` iterations."""
-    from esc_evolve.pipeline.evaluation import eval_stage
+    from esc_evolve.pipeline.evaluation import eval_stage, simulate_stage
 
     plan: list[tuple[str, Stage]] = [("prepare", prepare), ("sft", sft)]
     for iteration in range(1, config.evolve.iterations + 1):
+        if config.evolve.update == "sft":  # the SFT baseline: human replies of the same contexts, no pairs
+            plan.append((f"iter{iteration}.sft", functools.partial(sft_more, iteration=iteration)))
+            continue
         plan.append((f"iter{iteration}.pairs", functools.partial(pairs, iteration=iteration)))
         plan.append((f"iter{iteration}.dpo", functools.partial(dpo, iteration=iteration)))
     plan.append(("eval", eval_stage))
+    if config.simulate.in_run:
+        plan.append(("eval.simulate", simulate_stage))
     return plan
 
 
@@ -83,6 +121,8 @@ def sft(run: RunDir) -> dict[str, Any]:
     from esc_evolve.training import train_sft
 
     cfg, layout = run.config, run.layout
+    if cfg.run.m0_from:
+        return share_m0(Path(cfg.run.m0_from).expanduser(), layout.model_dir(0), cfg.model.name)
     return train_sft(
         cfg.sft,
         cfg.model,
@@ -95,6 +135,25 @@ def sft(run: RunDir) -> dict[str, Any]:
     )
 
 
+def share_m0(source: Path, target: Path, backbone: str) -> dict[str, Any]:
+    """Start from another run's M0 instead of training one (`run.m0_from`): its adapter is copied, lineage
+    included, and the summary is its training summary plus where it came from."""
+    from esc_evolve.models.lineage import adapter_chain
+    from esc_evolve.training.sft import SUMMARY_FILE
+
+    folder = source if (source / "adapter_config.json").is_file() else RunLayout(source).model_dir(0)
+    if not (folder / "adapter_config.json").is_file():
+        raise ConfigError(f"run.m0_from: {source} is neither a run directory with an m0/ nor an adapter folder")
+    base, chain = adapter_chain(folder)
+    if len(chain) != 1:
+        raise ConfigError(f"run.m0_from: {folder} is not an M0: it is trained on top of {chain[-2]}")
+    if base is not None and base != backbone:
+        raise ConfigError(f"run.m0_from: {folder} was trained on {base!r}, this run's model.name is {backbone!r}")
+    copy_model(folder, target)
+    log.info("m0: copied from %s (SFT not repeated)", folder)
+    return {**(read_json(folder / SUMMARY_FILE) or {}), "m0_from": str(folder.resolve())}
+
+
 def pairs(run: RunDir, iteration: int) -> dict[str, Any]:
     """M_{t-1} answers, reflects and refines on this iteration's contexts; kept pairs -> preference.jsonl."""
     from esc_evolve.evolve.loop import generate_pairs, select_contexts
@@ -104,6 +163,9 @@ def pairs(run: RunDir, iteration: int) -> dict[str, Any]:
     cfg, layout = run.config, run.layout
     contexts = select_contexts(load_train(cfg.data).samples, cfg.evolve, cfg.run.seed, iteration)
     parent = layout.model_dir(iteration - 1)
+    # Anchored rejected side: M0's replies to these contexts (from iteration 2 on; in iteration 1 M0 is M_t).
+    anchored = cfg.evolve.rejected_from == "m0" and iteration > 1
+    rejected = anchor_replies(run, contexts, iteration) if anchored else None
     with build_generator(cfg.model, cfg.generation, parent, seed=cfg.run.seed + iteration) as generator:
         summary = generate_pairs(
             cfg.evolve,
@@ -114,11 +176,42 @@ def pairs(run: RunDir, iteration: int) -> dict[str, Any]:
             seed=cfg.run.seed,
             system_prompt=cfg.data.system_prompt,
             chunk_size=cfg.generation.batch_size,
+            rejected=rejected,
+            rejected_model="m0" if anchored else None,
         )
     summary["exported_pairs"] = PairStore(layout.pairs_file(iteration)).export_preference(
         layout.preference_file(iteration)
     )
     return summary
+
+
+def anchor_replies(run: RunDir, contexts: list[Any], iteration: int) -> dict[str, Any]:
+    """M0's direct replies to this iteration's contexts (`iterN/anchor.jsonl`), generated once as M_t's drafts
+    are (same requests, same decoding): the rejected side with `evolve.rejected_from: m0`."""
+    from esc_evolve.generation import GenerationRequest, GenerationResult, build_generator
+
+    cfg, file = run.config, run.layout.anchor_file(iteration)
+    saved = {row["request_id"]: GenerationResult(**row) for row in _read_jsonl(file)}
+    if {s.sample_id for s in contexts} <= saved.keys():
+        return saved
+    requests = [
+        GenerationRequest(messages=build_messages(s.context, cfg.data.system_prompt), id=s.sample_id) for s in contexts
+    ]
+    m0 = run.layout.model_dir(0)
+    with build_generator(cfg.model, cfg.generation, m0, seed=cfg.run.seed + iteration) as generator:
+        results = generator.generate(requests)
+    rows = [
+        {"request_id": r.request_id, "text": r.text, "num_tokens": r.num_tokens, "finish_reason": r.finish_reason}
+        for r in results
+    ]
+    write_atomic(file, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    return {r.request_id: r for r in results}
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def dpo(run: RunDir, iteration: int) -> dict[str, Any]:
@@ -127,6 +220,7 @@ def dpo(run: RunDir, iteration: int) -> dict[str, Any]:
 
     cfg, layout = run.config, run.layout
     parent, target = layout.model_dir(iteration - 1), layout.model_dir(iteration)
+    reference = layout.model_dir(0) if cfg.dpo.reference == "m0" and iteration > 1 else None
     try:
         summary = train_dpo(
             cfg.dpo,
@@ -137,12 +231,63 @@ def dpo(run: RunDir, iteration: int) -> dict[str, Any]:
             seed=cfg.run.seed,
             work_dir=layout.dpo_work_dir(iteration),
             log_dir=layout.tensorboard_dir(f"dpo{iteration}"),
+            reference=reference,
         )
     except NoPairsError as exc:
         log.warning("%s -- m%d is m%d unchanged", exc, iteration, iteration - 1)
         copy_model(parent, target)
         return {"iteration": iteration, "pairs": 0, "steps": 0, "unchanged_from": parent.name}
     return {"iteration": iteration, **summary}
+
+
+def sft_more(run: RunDir, iteration: int) -> dict[str, Any]:
+    """The SFT baseline's iteration (`evolve.update: sft`): M_t+1 = SFT of M_t on the human replies of the
+    contexts this iteration's pairs would use, with the dpo section's trainer settings, for as many optimisation
+    steps as `evolve.match_steps_of`'s iterN.dpo took (else the dpo schedule on every context)."""
+    from esc_evolve.config import SFTSettings, TrainerSettings
+    from esc_evolve.evolve.loop import select_contexts
+    from esc_evolve.training import train_sft_on
+    from esc_evolve.training.data import sample_to_row
+
+    cfg, layout = run.config, run.layout
+    contexts = select_contexts(load_train(cfg.data).samples, cfg.evolve, cfg.run.seed, iteration)
+    parent, target = layout.model_dir(iteration - 1), layout.model_dir(iteration)
+    steps = matched_steps(cfg.evolve.match_steps_of, iteration)
+    summary: dict[str, Any] = {"iteration": iteration, "contexts": len(contexts), "matched_steps": steps}
+    if steps == 0:  # the matched run trained nothing in this iteration: neither does its baseline
+        log.warning(
+            "iteration %d: the matched run took no DPO step -- m%d is m%d unchanged",
+            iteration,
+            iteration,
+            iteration - 1,
+        )
+        copy_model(parent, target)
+        return {**summary, "steps": 0, "unchanged_from": parent.name}
+    trainer = {name: getattr(cfg.dpo, name) for name in TrainerSettings.model_fields}
+    settings = SFTSettings(**{**trainer, "max_steps": steps if steps is not None else cfg.dpo.max_steps})
+    rows = [sample_to_row(s, cfg.data.system_prompt) for s in contexts]
+    trained = train_sft_on(
+        settings,
+        cfg.model,
+        parent,
+        rows,
+        target,
+        seed=cfg.run.seed,
+        work_dir=layout.sft_more_work_dir(iteration),
+        log_dir=layout.tensorboard_dir(f"sft{iteration}"),
+    )
+    return {**summary, **trained}
+
+
+def matched_steps(run_dir: str | None, iteration: int) -> int | None:
+    """How many optimisation steps iteration `iteration`'s DPO took in `run_dir` (None: no run to match)."""
+    if run_dir is None:
+        return None
+    done = read_json(RunLayout(Path(run_dir).expanduser()).stages_file) or {}
+    stage = done.get(f"iter{iteration}.dpo")
+    if stage is None:
+        raise ConfigError(f"evolve.match_steps_of: {run_dir} has no finished stage iter{iteration}.dpo to match")
+    return int(stage["steps"])
 
 
 def copy_model(source: Path, target: Path) -> None:

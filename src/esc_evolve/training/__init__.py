@@ -3,6 +3,6 @@
 `settings.py` maps our settings onto trl/peft with device-aware defaults."""
 
 from esc_evolve.training.dpo import NoPairsError, train_dpo
-from esc_evolve.training.sft import train_sft
+from esc_evolve.training.sft import train_sft, train_sft_on
 
-__all__ = ["NoPairsError", "train_dpo", "train_sft"]
+__all__ = ["NoPairsError", "train_dpo", "train_sft", "train_sft_on"]

@@ -18,9 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from esc_evolve.config import DPOSettings, ModelSettings
-from esc_evolve.errors import EscEvolveError
-from esc_evolve.models.lineage import write_lineage
-from esc_evolve.storage import publish_folder, staging_folder, write_json_atomic
+from esc_evolve.errors import DataFormatError, EscEvolveError
 from esc_evolve.training.data import trl_dataset
 from esc_evolve.training.settings import (
     Runtime,
@@ -30,7 +28,7 @@ from esc_evolve.training.settings import (
     tensorboard_callback,
     trainer_args,
 )
-from esc_evolve.training.sft import SUMMARY_FILE, latest_checkpoint
+from esc_evolve.training.sft import NoCheckpointAtTheEnd, latest_checkpoint, save_adapter
 
 log = logging.getLogger(__name__)
 
@@ -80,38 +78,39 @@ def train_dpo(
     work_dir: Path | None = None,
     log_dir: Path | None = None,
     callbacks: list[Any] | None = None,
+    reference: Path | None = None,
 ) -> dict[str, Any]:
     """Train the adapter of M_{t+1} on top of M_t (`parent`, an adapter folder) on the pairs of `preference_file`.
 
-    `work_dir` (default `output_dir` + `-checkpoints`) holds resumable checkpoints. Raises `NoPairsError` when the
-    file holds no pair."""
+    `work_dir` (default `output_dir` + `-checkpoints`) holds resumable checkpoints. `reference` is another model
+    (an adapter folder, e.g. M0) to use as the DPO reference instead of M_t (`dpo.reference: m0`). Raises
+    `NoPairsError` when the file holds no pair."""
+    from transformers import set_seed
+
     from esc_evolve.training.speed import set_torch_threads
 
     work_dir = work_dir or output_dir.with_name(f"{output_dir.name}-checkpoints")
     rows = _read_preference(preference_file)
     started = time.perf_counter()
+    set_seed(seed)  # trl draws the LoRA weights before the trainer seeds itself: same seed, same M_t+1
     state = process_state(model)
     set_torch_threads(settings.num_threads)
     runtime = resolve_runtime(model, settings)
-    trainer = build_dpo_trainer(settings, model, rows, runtime, parent, seed, work_dir, callbacks or [], log_dir)
+    extra = [NoCheckpointAtTheEnd(), *(callbacks or [])]
+    trainer = build_dpo_trainer(settings, model, rows, runtime, parent, seed, work_dir, extra, log_dir, reference)
     resume_from = latest_checkpoint(work_dir)
     if resume_from:
         log.info("resuming DPO from %s", resume_from)
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     summary = {
         "pairs": len(rows),
+        **({"reference": str(reference)} if reference is not None else {}),
         "steps": trainer.state.global_step,
         "resumed_from_step": int(resume_from.name.split("-")[-1]) if resume_from else None,
         **logged_metrics(trainer.state.log_history),
         "wall_seconds": round(time.perf_counter() - started, 2),
     }
-    staging = staging_folder(output_dir, clear=False)
-    trainer.save_model(str(staging))
-    if state.is_main_process:
-        write_json_atomic(staging / SUMMARY_FILE, summary)
-        write_lineage(staging, model.name, parent)  # relative path: staging sits beside the target
-        publish_folder(staging, output_dir)
-    state.wait_for_everyone()
+    save_adapter(trainer, output_dir, summary, state, model.name, parent)
     return summary
 
 
@@ -125,18 +124,24 @@ def build_dpo_trainer(
     work_dir: Path,
     callbacks: list[Any],
     log_dir: Path | None = None,
+    reference: Path | None = None,
 ) -> Any:
     from trl import DPOTrainer
 
     from esc_evolve.models import load_model
 
     # M_t with every adapter merged: the starting point of the new adapter and, with it disabled, the reference.
-    loaded, tokenizer = load_model(model.model_copy(update={"dtype": _dtype_name(runtime)}), parent, merge=True)
+    typed = model.model_copy(update={"dtype": _dtype_name(runtime)})
+    loaded, tokenizer = load_model(typed, parent, merge=True)
     loaded.train()
+    # Another reference (M0): a second, frozen model that trl scores the pairs with instead of disabling the adapter.
+    ref_model = None
+    if reference is not None and reference.resolve() != parent.resolve():
+        ref_model = load_model(typed, reference, merge=True)[0]
     tensorboard = tensorboard_callback(log_dir)
     return DPOTrainer(
         model=loaded,
-        ref_model=None,
+        ref_model=ref_model,
         args=trl_dpo_config(settings, seed, work_dir, runtime),
         train_dataset=trl_dataset(rows),
         processing_class=tokenizer,
@@ -162,13 +167,24 @@ def _read_preference(path: Path) -> list[dict[str, Any]]:
     rows = []
     if path.is_file():
         with path.open(encoding="utf-8") as handle:
-            rows = [json.loads(line) for line in handle if line.strip()]
+            rows = [_preference_row(path, number, line) for number, line in enumerate(handle, 1) if line.strip()]
     if not rows:
         raise NoPairsError(
             f"{path}: no preference pair was kept in this iteration; see pairs.jsonl for the drop reasons "
             "(loosen evolve.filters or raise evolve.contexts_per_iteration)"
         )
-    return [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in rows]
+    return rows
+
+
+def _preference_row(path: Path, number: int, line: str) -> dict[str, Any]:
+    try:
+        row = json.loads(line)
+        return {"prompt": row["prompt"], "chosen": row["chosen"], "rejected": row["rejected"]}
+    except (ValueError, TypeError, KeyError) as exc:
+        problem = f"missing field {exc}" if isinstance(exc, KeyError) else str(exc)
+        raise DataFormatError(
+            f"{path}:{number}: not a preference pair ({problem}); it is written from pairs.jsonl: delete it and rerun"
+        ) from None
 
 
 def _dtype_name(runtime: Runtime) -> str:

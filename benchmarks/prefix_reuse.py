@@ -12,7 +12,7 @@ Reports per mode: wall time (the better of the runs), prompt tokens computed by 
 the replies are token-identical between modes. Results: benchmarks/results/prefix_reuse.json; the output ends
 with `speedup_reflection=` and `prefill_tokens_ratio=` and `identical=`.
 
-    .venv/bin/python benchmarks/prefix_reuse.py                 # 16 contexts x 6 fields, ~3 min on 2 cores
+    .venv/bin/python benchmarks/prefix_reuse.py                 # 16 contexts x 6 fields, ~7 min on 2 cores
     .venv/bin/python benchmarks/prefix_reuse.py --contexts 4    # quick look
 """
 

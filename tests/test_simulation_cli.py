@@ -77,11 +77,13 @@ def _seeker(body: dict) -> str:
     return "4 - you let me say it" if "how understood did you feel" in last else "it has been a grey week"
 
 
-def test_simulator_on_an_openai_compatible_server(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("farm", [False, True], ids=["one-url", "url-list"])
+def test_simulator_on_an_openai_compatible_server(tmp_path, tiny_model_dir, farm):
     out = tmp_path / "sim"
     with loopback_server(chat_answer=_seeker) as server:
+        url = f"[{server.base_url}]" if farm else server.base_url  # base_url may also be a list of servers
         args = ["simulate", "--model", str(tiny_model_dir), "--turns", "2", "--max-cards", "2", "--out", str(out)]
-        args += ["--set", "simulate.backend=openai", "--set", f"simulate.openai.base_url={server.base_url}"]
+        args += ["--set", "simulate.backend=openai", "--set", f"simulate.openai.base_url={url}"]
         args += ["--set", "simulate.openai.model=seeker-x", *FAST]
         result = CliRunner().invoke(_app(), args)
     assert result.exit_code == 0, result.output

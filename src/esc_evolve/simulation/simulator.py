@@ -295,7 +295,8 @@ def _openai(settings: SimulateSettings, model: ModelSettings, generation: Genera
             "simulate.backend=openai needs simulate.openai.model (the served model's name), or generation.openai.model"
         )
     served = generation.model_copy(update={"backend": "openai", "openai": endpoint})
-    where = (endpoint.base_url or os.environ.get("OPENAI_BASE_URL") or "$OPENAI_BASE_URL").rstrip("/")
+    urls = endpoint.base_url or os.environ.get("OPENAI_BASE_URL") or "$OPENAI_BASE_URL"
+    where = ", ".join(u.rstrip("/") for u in ([urls] if isinstance(urls, str) else urls))  # one server or a farm
     build = functools.partial(build_generator, model, served, None, seed=seed)
     return SeekerSimulator(build, f"{endpoint.model} at {where} (OpenAI-compatible)", settings)
 

@@ -259,7 +259,7 @@ def test_the_vllm_backend_sends_chats_as_token_ids(monkeypatch: pytest.MonkeyPat
     sent = generator.llm.prompts
     assert sent[0] == {"prompt_token_ids": encode_prompt(backbone_tokenizer, requests[0].messages)}
     assert chatml_starts(backbone_tokenizer, sent[0]["prompt_token_ids"]) == 3
-    assert sent[1] == "raw text"
+    assert sent[1] == {"prompt_token_ids": backbone_tokenizer("raw text")["input_ids"]}  # ids too (one BOS)
     assert sent[2] == {"prompt_token_ids": encode_prompt(backbone_tokenizer, chat("")[:2], continuation=PREFIX)}
 
 

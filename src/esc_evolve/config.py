@@ -110,14 +110,37 @@ class VLLMSettings(StrictModel):
 
     tensor_parallel_size: int = Field(1, ge=1)
     gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0)
+    chunk_size: int = Field(
+        1024,
+        ge=1,
+        description="Requests handed to vLLM per call by the pipeline (pairs: contexts per chunk): its scheduler "
+        "batches continuously, so it needs many requests at once; `batch_size` is the transformers backend's.",
+    )
+    max_num_seqs: int | None = Field(
+        None, ge=1, description="vLLM's max_num_seqs (sequences per step); null = its default."
+    )
+    engine_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Passed to vllm.LLM as they are, after esc-evolve's own arguments (e.g. max_model_len, "
+        "enforce_eager, max_loras); a key here wins.",
+    )
 
 
 class OpenAISettings(StrictModel):
     """An OpenAI-compatible server. The API key is read from the environment variable `api_key_env` names, at
     run time, and never written anywhere."""
 
-    base_url: str | None = Field(None, description="e.g. http://127.0.0.1:8000/v1; default $OPENAI_BASE_URL.")
+    base_url: str | list[str] | None = Field(
+        None,
+        description="e.g. http://127.0.0.1:8000/v1; default $OPENAI_BASE_URL. A list of servers holding the same "
+        "models (a farm): each request goes to the one with the fewest requests in flight.",
+    )
     model: str | None = Field(None, description="The served model's name; default model.name.")
+    served_models: dict[str, str] = Field(
+        default_factory=dict,
+        description="The served name of each model of a run (base, m0, m1, ...), e.g. the LoRA names of a vLLM "
+        "server started with --lora-modules m1=RUN/iter1/m1/served; 'base' defaults to `model`.",
+    )
     api_key_env: str = "OPENAI_API_KEY"
     request_timeout: float = Field(120.0, gt=0.0)
     max_concurrency: int = Field(
@@ -161,6 +184,13 @@ class TrainerSettings(StrictModel):
     max_steps: int = Field(-1, description="-1 = run the epochs; otherwise stop after this many steps.")
     per_device_batch_size: int = Field(4, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
+    global_batch_size: int | None = Field(
+        None,
+        ge=1,
+        description="Samples per optimiser step over all devices, kept whatever the device count: gradient "
+        "accumulation becomes global_batch_size / (per_device_batch_size x devices), which must divide. null = "
+        "per_device_batch_size x gradient_accumulation_steps x devices (grows with the devices).",
+    )
     max_length: int = Field(512, ge=16, description="Tokens of prompt + response; longer contexts lose old turns.")
     lr_scheduler: str = "cosine"
     warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0)

@@ -93,9 +93,11 @@ def _register_stage_commands() -> None:
     from esc_evolve.cli import (
         chat_cmd,
         compare_cmd,
+        dpo_cmd,
         eval_cmd,
         export_cmd,
         generate_cmd,
+        pairs_cmd,
         safety_cmd,
         serve_cmd,
         sft_cmd,
@@ -111,6 +113,8 @@ def _register_stage_commands() -> None:
     export_cmd.register(app)
     simulate_cmd.register(app)
     compare_cmd.register(app)
+    pairs_cmd.register(app)
+    dpo_cmd.register(app)
 
 
 _register_stage_commands()

@@ -26,7 +26,7 @@ from esc_evolve.data.prompts import build_messages, encode_prompt
 from esc_evolve.data.schema import Turn
 from esc_evolve.errors import ConfigError
 from esc_evolve.evolve.filters import decide_pair, edit_ratio
-from esc_evolve.evolve.pairs import PairRecord, PairStore
+from esc_evolve.evolve.pairs import PairRecord, PairStore, sample_seed
 from esc_evolve.evolve.principles import Principles, ReflectionField, load_principles
 from esc_evolve.evolve.refinement import plain_refinement_system, refinement_system
 from esc_evolve.evolve.reflection import (
@@ -135,7 +135,7 @@ def refine_chunk(job: PairJob, generator: Generator, chunk: Sequence[TurnSample]
     settings = job.settings
     prompts = [build_messages(s.context, job.system_prompt) for s in chunk]
     drafts = generator.generate(
-        [GenerationRequest(messages=p, id=s.sample_id) for p, s in zip(prompts, chunk, strict=True)]
+        [draft_request(p, s, job.seed + job.iteration) for p, s in zip(prompts, chunk, strict=True)]
     )
     reflections = _reflect(generator, job, chunk, [d.text for d in drafts])
     refine_systems = [_refine_system(job, r, d.text) for r, d in zip(reflections, drafts, strict=True)]
@@ -153,6 +153,11 @@ def refine_chunk(job: PairJob, generator: Generator, chunk: Sequence[TurnSample]
     )
     items = zip(chunk, prompts, drafts, reflections, refine_systems, refined, strict=True)
     return [Refined(*item) for item in items]
+
+
+def draft_request(prompt: list[dict[str, str]], sample: TurnSample, seed: int) -> GenerationRequest:
+    """M_t's direct answer y to a context; seeded by the sample, so a sampled y is the same in any chunk or shard."""
+    return GenerationRequest(messages=prompt, id=sample.sample_id, seed=sample_seed(seed, sample.sample_id))
 
 
 def answer_with_refinement(

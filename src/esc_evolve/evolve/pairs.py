@@ -7,20 +7,31 @@ by writing the file without it and renaming that into place, so a crash during t
 other unreadable line is an error that names the file and line.
 `preference.jsonl` holds the kept pairs in the standard conversational preference format
 (`prompt` / `chosen` / `rejected` message lists) that trl and LLaMA-Factory read.
+
+Sharding: N workers (`esc-evolve pairs RUN -i K --shard k/N`) each take the contexts whose sample id hashes to
+their shard (`shard_of`, stable across processes and machines) and append to their own
+`pairs.shard-k-of-N.jsonl`; `merge_shards` writes every record into `pairs.jsonl` in the contexts' order, as one
+worker would have. A record does not depend on which worker made it: every request that samples carries a seed
+derived from the sample id (`sample_seed`), never from its position in a batch.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
-from collections.abc import Iterable, Iterator
+import re
+import zlib
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from esc_evolve.errors import DataFormatError
+from esc_evolve.errors import ConfigError, DataFormatError
 from esc_evolve.storage import write_atomic
+
+log = logging.getLogger(__name__)
 
 
 class PairRecord(BaseModel):
@@ -112,3 +123,75 @@ class PairStore:
         data = self.path.read_bytes()
         if data and not data.endswith(b"\n"):
             write_atomic(self.path, data[: data.rfind(b"\n") + 1])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Seeds and shards that depend on the sample, never on where it sits
+
+
+def sample_seed(seed: int, sample_id: str) -> int:
+    """The seed of a sample's sampled request: the same in any batch, chunk, shard or resumed run."""
+    return (seed + zlib.crc32(sample_id.encode("utf-8"))) % 2**31
+
+
+def shard_of(sample_id: str, num_shards: int) -> int:
+    """The shard a sample belongs to (a stable hash: Python's `hash` of a str changes between processes)."""
+    return zlib.crc32(sample_id.encode("utf-8")) % num_shards
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """`k/N` (0 <= k < N) -> (k, N)."""
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+    if not match or not int(match.group(1)) < int(match.group(2)):
+        raise ConfigError(f"--shard {text!r}: expected k/N with 0 <= k < N, e.g. 0/4")
+    return int(match.group(1)), int(match.group(2))
+
+
+def select_shard(samples: Sequence[Any], shard: int, num_shards: int) -> list[Any]:
+    """The samples of shard `shard` of `num_shards`, in their order."""
+    return [s for s in samples if shard_of(s.sample_id, num_shards) == shard]
+
+
+def shard_file(pairs_file: Path, shard: int, num_shards: int) -> Path:
+    return pairs_file.with_name(f"{pairs_file.stem}.shard-{shard}-of-{num_shards}{pairs_file.suffix}")
+
+
+def shard_lock_file(shard: Path) -> Path:
+    """The lock its worker holds while it writes `shard` (a merge takes it too, so it never merges a shard that
+    is still being written)."""
+    return shard.with_name(f".{shard.name}.lock")
+
+
+def shard_files(pairs_file: Path) -> list[Path]:
+    """The shard files written beside `pairs_file`, whatever their shard count."""
+    pattern = re.compile(re.escape(pairs_file.stem) + r"\.shard-\d+-of-\d+" + re.escape(pairs_file.suffix))
+    return sorted(p for p in pairs_file.parent.glob(f"{pairs_file.stem}.shard-*") if pattern.fullmatch(p.name))
+
+
+def merge_shards(pairs_file: Path, sample_ids: Sequence[str]) -> dict[str, int]:
+    """Fold the shard files into `pairs_file`: one record per sample (the one already in `pairs_file` first), in
+    the order of `sample_ids`, written atomically; then the shard files are removed. Samples no file holds yet
+    stay missing (the caller generates them). Without shard files nothing is touched."""
+    shards = shard_files(pairs_file)
+    if not shards:
+        return {"shards": 0, "merged": 0, "missing": len(set(sample_ids) - PairStore(pairs_file).done_ids())}
+    lines: dict[str, str] = {}
+    for file in [pairs_file, *shards]:
+        for record in PairStore(file).read():
+            unset = {name for name in OPTIONAL_FIELDS if getattr(record, name) is None}
+            lines.setdefault(record.sample_id, record.model_dump_json(exclude=unset) + "\n")
+    wanted = set(sample_ids)
+    stray = sorted(set(lines) - wanted)
+    if stray:
+        log.warning(
+            "%d records in %s's shards belong to no context of this iteration (ignored): %s",
+            len(stray),
+            pairs_file.name,
+            ", ".join(stray[:5]),
+        )
+    write_atomic(pairs_file, "".join(lines[i] for i in sample_ids if i in lines))
+    for file in shards:
+        file.unlink()
+    merged = sum(i in lines for i in sample_ids)
+    log.info("merged %d shard files into %s: %d of %d contexts", len(shards), pairs_file, merged, len(sample_ids))
+    return {"shards": len(shards), "merged": merged, "missing": len(wanted) - merged}

@@ -67,9 +67,18 @@ def _vllm(model: ModelSettings, generation: GenerationSettings, adapter: Path | 
 def _openai(model: ModelSettings, generation: GenerationSettings, adapter: Path | None, seed: int) -> Generator:
     from esc_evolve.generation.openai_backend import OpenAIGenerator
 
-    if adapter is not None:
-        raise GenerationError("the openai backend serves a remote model: it cannot apply a local adapter")
-    return OpenAIGenerator.from_config(model, generation)
+    return OpenAIGenerator.from_config(model, generation, adapter)  # adapter: the served name of that model
+
+
+def requests_per_call(generation: GenerationSettings) -> int:
+    """How many requests a stage should hand the backend at once (pairs: contexts per chunk): a batch for the
+    transformers backend, `vllm.chunk_size` for vLLM's continuous batching, enough to keep every connection of
+    an OpenAI-compatible farm busy."""
+    if generation.backend == "vllm":
+        return generation.vllm.chunk_size
+    if generation.backend == "openai":
+        return max(generation.batch_size, generation.openai.max_concurrency)
+    return generation.batch_size
 
 
 def load_for_generation(

@@ -1,15 +1,23 @@
 """vLLM backend (optional extra `gpu`): continuous batching and paged attention on GPUs, LoRA via LoRARequest.
 
-vllm is imported only when this backend is built, so the package works without it. Sampling is seeded per
-request (vLLM's `SamplingParams.seed`), so a sampled reply does not depend on its batch either. Chat requests
-reach vLLM as token ids (`encode_prompt`), not as messages for `LLM.chat`, whose rendered text would turn a
-control-token spelling in a message into the control token.
+vllm is imported only when this backend is built, so the package works without it. What is vLLM-specific is
+kept thin; what decides (which folder is served for which model, the engine's arguments, the token ids of each
+prompt) is plain code, tested without vLLM.
+
+- Models: the backbone is the engine's model; M_t is its served artifact (models/served.py), one LoRA holding the
+  whole adapter chain (M2 = base + a0 + a1 + a2), sent as a `LoRARequest` with every request; a chain that a LoRA
+  cannot express exactly is served as merged weights, which then are the engine's model.
+- Prompts: token ids (`{"prompt_token_ids": ...}`), never text. Chats are encoded with `encode_prompt` (message
+  text stays text, and the template's own BOS is the only one); a pre-rendered prompt is tokenised like the
+  transformers backend does it: without special tokens when it already starts with the BOS (a Llama-3 template
+  writes one; `LLM.generate(text)` would add a second), with them otherwise.
+- Sampling is seeded per request (`SamplingParams.seed`), so a sampled reply does not depend on its batch.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,20 +33,88 @@ from esc_evolve.generation.types import (
     cut_at_stop,
 )
 
+# The values vLLM accepts for max_lora_rank (vllm/config/lora.py); a LoRA of a smaller rank is padded.
+VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+
 
 def import_vllm() -> Any:
     try:
         import vllm
     except ImportError:
         raise GenerationError(
-            "generation.backend is 'vllm' but vllm is not installed: `pip install -e '.[gpu]'` on a CUDA machine, "
-            "or use generation.backend=transformers"
+            "generation.backend is 'vllm' but vllm is not installed: `pip install -e '.[gpu]'` on a CUDA machine "
+            "(or vLLM in its own environment, docs/scale.md), or use generation.backend=transformers"
         ) from None
     return vllm
 
 
+@dataclass(frozen=True)
+class ServingPlan:
+    """What the engine loads (`model`) and which LoRA folder, if any, every request carries."""
+
+    model: str
+    revision: str | None
+    lora: Path | None = None
+    lora_rank: int | None = None
+    name: str = "base"
+
+
+def serving_plan(model_config: ModelSettings, adapter: Path | None) -> ServingPlan:
+    """The backbone alone, or M_t as its served artifact (written first when a run made before it lacks one)."""
+    from esc_evolve.models import resolve_backbone
+    from esc_evolve.models.served import ensure_served
+
+    if adapter is None:
+        return ServingPlan(resolve_backbone(model_config.name, model_config.cache_dir), model_config.revision)
+    artifact = ensure_served(model_config, Path(adapter))
+    if artifact.kind == "merged":
+        return ServingPlan(str(artifact.path), None, name=Path(adapter).name)
+    backbone = resolve_backbone(artifact.base, model_config.cache_dir)
+    revision = model_config.revision if artifact.base == model_config.name else None
+    return ServingPlan(backbone, revision, artifact.path, artifact.rank, Path(adapter).name)
+
+
+def engine_args(
+    model_config: ModelSettings, config: GenerationSettings, plan: ServingPlan, seed: int
+) -> dict[str, Any]:
+    """vllm.LLM's keyword arguments: ours, then `generation.vllm.engine_kwargs` as given (they win)."""
+    settings = config.vllm
+    args: dict[str, Any] = {
+        "model": plan.model,
+        "revision": plan.revision,
+        "dtype": model_config.dtype,  # vLLM also takes "auto"
+        "trust_remote_code": model_config.trust_remote_code,
+        "tensor_parallel_size": settings.tensor_parallel_size,
+        "gpu_memory_utilization": settings.gpu_memory_utilization,
+        "seed": seed,
+    }
+    if settings.max_num_seqs is not None:
+        args["max_num_seqs"] = settings.max_num_seqs
+    if plan.lora is not None:
+        args.update(enable_lora=True, max_lora_rank=vllm_lora_rank(plan.lora_rank or 16))
+    return {**args, **settings.engine_kwargs}
+
+
+def vllm_lora_rank(rank: int) -> int:
+    """The smallest max_lora_rank vLLM accepts that holds `rank` (a concatenated chain's rank is the sum)."""
+    for allowed in VLLM_LORA_RANKS:
+        if rank <= allowed:
+            return allowed
+    raise GenerationError(f"a LoRA of rank {rank} is above vLLM's largest max_lora_rank ({VLLM_LORA_RANKS[-1]})")
+
+
+def encode_rendered(tokenizer: Any, text: str) -> list[int]:
+    """A pre-rendered prompt's ids with exactly one BOS where the tokenizer uses one: the template's, when the
+    text starts with it, else the one the tokenizer adds (the transformers backend's rule)."""
+    bos = tokenizer.bos_token
+    special = not (bos and text.startswith(bos))
+    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+
+
 class VLLMGenerator(Generator):
-    """Generate with vLLM. `tensor_parallel_size` and `gpu_memory_utilization` come from the generation config."""
+    """Generate with vLLM; engine settings from `generation.vllm` (see docs/scale.md)."""
+
+    _lora: Any = None
 
     def __init__(
         self,
@@ -48,30 +124,20 @@ class VLLMGenerator(Generator):
         *,
         seed: int = 0,
     ) -> None:
-        from esc_evolve.models import resolve_backbone
+        from esc_evolve.models import load_tokenizer
 
         vllm = import_vllm()
         self.config = config or GenerationSettings()
         self.seed = seed
-        self.adapter = Path(adapter) if adapter is not None else None
-        engine_args: dict[str, Any] = {
-            "model": resolve_backbone(model_config.name, model_config.cache_dir),
-            "revision": model_config.revision,
-            "dtype": "auto" if model_config.dtype == "auto" else model_config.dtype,
-            "trust_remote_code": model_config.trust_remote_code,
-            "tensor_parallel_size": self.config.vllm.tensor_parallel_size,
-            "gpu_memory_utilization": self.config.vllm.gpu_memory_utilization,
-            "seed": seed,
-        }
-        if self.adapter is not None:
-            engine_args.update(enable_lora=True, max_lora_rank=_lora_rank(self.adapter))
-        self.llm = vllm.LLM(**engine_args)
-        self.tokenizer = self.llm.get_tokenizer()
-        self._lora = None
-        if self.adapter is not None:
+        self.plan = serving_plan(model_config, Path(adapter) if adapter is not None else None)
+        self.llm = vllm.LLM(**engine_args(model_config, self.config, self.plan, seed))
+        # The tokenizer every prompt of this model is rendered with (the adapter's own when it saved one), as in
+        # the transformers backend: prompts reach vLLM as ids, so its own tokenizer only detokenises.
+        self.tokenizer = load_tokenizer(model_config, adapter)
+        if self.plan.lora is not None:
             from vllm.lora.request import LoRARequest
 
-            self._lora = LoRARequest("adapter", 1, str(self.adapter))
+            self._lora = LoRARequest(self.plan.name, 1, str(self.plan.lora))
 
     def generate(self, requests: Sequence[GenerationRequest], progress: bool = True) -> list[GenerationResult]:
         from vllm import SamplingParams
@@ -84,10 +150,10 @@ class VLLMGenerator(Generator):
             bar.advance(len(results), sum(r.num_tokens for r in results))
         return results
 
-    def _prompt(self, request: GenerationRequest) -> str | dict[str, list[int]]:
-        """A pre-rendered prompt as text; a chat as vLLM's `TokensPrompt` (token ids used as they are)."""
+    def _prompt(self, request: GenerationRequest) -> dict[str, list[int]]:
+        """vLLM's `TokensPrompt`: token ids used as they are, for chats and pre-rendered prompts alike."""
         if request.messages is None:
-            return request.prompt or ""
+            return {"prompt_token_ids": encode_rendered(self.tokenizer, request.prompt or "")}
         return {"prompt_token_ids": encode_prompt(self.tokenizer, request.messages, continuation=request.continuation)}
 
     def _sampling(self, index: int, request: GenerationRequest) -> dict[str, Any]:
@@ -120,12 +186,3 @@ def _result(request: GenerationRequest, output: Any) -> GenerationResult:
         prompt_tokens=len(output.prompt_token_ids or []),
         token_ids=tuple(completion.token_ids),
     )
-
-
-def _lora_rank(adapter: Path) -> int:
-    """vLLM sizes its LoRA buffers by the largest rank it will serve; read it from the adapter."""
-    config_file = adapter / "adapter_config.json"
-    if not config_file.is_file():
-        raise GenerationError(f"{adapter} is not a peft adapter folder (no adapter_config.json)")
-    rank = int(json.loads(config_file.read_text(encoding="utf-8")).get("r", 16))
-    return 1 << max(3, (rank - 1).bit_length())  # vLLM accepts powers of two from 8 up

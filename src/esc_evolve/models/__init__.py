@@ -3,7 +3,8 @@
 `backbone.py` resolves a name (alias, with its GGUF converted once; local folder; hub id); `lineage.py` stores
 M_t as a chain of LoRA adapters; `loading.py` picks device and dtype and loads a model with its adapter chain, and
 its tokenizer (the adapter's own when it saved one), so that prompts are rendered with the tokenizer that
-generates from them.
+generates from them. `served.py` writes each model's whole chain as one artifact an engine serves on the
+backbone (`MODEL/served/`); `export.py` writes one merged folder.
 """
 
 from esc_evolve.models.backbone import resolve_backbone

@@ -3,6 +3,7 @@ and returns its summary for `stages.json`."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import json
@@ -122,8 +123,9 @@ def sft(run: RunDir) -> dict[str, Any]:
 
     cfg, layout = run.config, run.layout
     if cfg.run.m0_from:
-        return share_m0(Path(cfg.run.m0_from).expanduser(), layout.model_dir(0), cfg.model.name)
-    return train_sft(
+        summary = share_m0(Path(cfg.run.m0_from).expanduser(), layout.model_dir(0), cfg.model.name)
+        return served(run, 0, summary)
+    summary = train_sft(
         cfg.sft,
         cfg.model,
         cfg.data,
@@ -133,6 +135,26 @@ def sft(run: RunDir) -> dict[str, Any]:
         log_dir=layout.tensorboard_dir("sft"),
         merged_dir=layout.merged_m0_dir,
     )
+    return served(run, 0, summary)
+
+
+def served(run: RunDir, iteration: int, summary: dict[str, Any]) -> dict[str, Any]:
+    """Write M_t's whole adapter chain as one artifact an engine can serve (models/served.py; its kind and rank
+    are in its own `esc_served.json`); `summary` is returned as it is. Only for the engines that serve it (vLLM,
+    a farm of OpenAI-compatible servers): the transformers backend loads the chain itself, and on a CPU the
+    artifact would cost a backbone load and a copy of the weights per iteration for nothing."""
+    from esc_evolve.models.served import write_served
+
+    if run.config.generation.backend == "transformers" or not _main_process(run.config):  # one writer
+        return summary
+    write_served(run.config.model, run.layout.model_dir(iteration))
+    return summary
+
+
+def _main_process(cfg: ExperimentConfig) -> bool:
+    from esc_evolve.training.settings import process_state
+
+    return bool(process_state(cfg.model).is_main_process)
 
 
 def share_m0(source: Path, target: Path, backbone: str) -> dict[str, Any]:
@@ -154,49 +176,72 @@ def share_m0(source: Path, target: Path, backbone: str) -> dict[str, Any]:
     return {**(read_json(folder / SUMMARY_FILE) or {}), "m0_from": str(folder.resolve())}
 
 
-def pairs(run: RunDir, iteration: int) -> dict[str, Any]:
-    """M_{t-1} answers, reflects and refines on this iteration's contexts; kept pairs -> preference.jsonl."""
-    from esc_evolve.evolve.loop import generate_pairs, select_contexts
-    from esc_evolve.evolve.pairs import PairStore
-    from esc_evolve.generation import build_generator
+def pairs(run: RunDir, iteration: int, shard: tuple[int, int] | None = None) -> dict[str, Any]:
+    """M_{t-1} answers, reflects and refines on this iteration's contexts; kept pairs -> preference.jsonl.
+
+    With `shard` (k, N): only shard k's contexts, into their own file (evolve/pairs.py), nothing exported. Without:
+    the shard files already written are merged first, and only the contexts none of them holds are generated."""
+    from esc_evolve.evolve.loop import select_contexts
+    from esc_evolve.evolve.pairs import merge_shards, select_shard, shard_file, shard_files, shard_lock_file
 
     cfg, layout = run.config, run.layout
     contexts = select_contexts(load_train(cfg.data).samples, cfg.evolve, cfg.run.seed, iteration)
+    out, anchor = layout.pairs_file(iteration), layout.anchor_file(iteration)
+    if shard is None:
+        with contextlib.ExitStack() as held:  # a shard still being written is not merged
+            for file in shard_files(out):
+                held.enter_context(RunLock(shard_lock_file(file)))
+            merge_shards(out, [s.sample_id for s in contexts])
+        return _pairs(run, iteration, contexts, out, anchor)
+    out, anchor = shard_file(out, *shard), shard_file(anchor, *shard)
+    with RunLock(shard_lock_file(out)):
+        return _pairs(run, iteration, select_shard(contexts, *shard), out, anchor, export=False)
+
+
+def _pairs(
+    run: RunDir, iteration: int, contexts: list[Any], out: Path, anchor: Path, export: bool = True
+) -> dict[str, Any]:
+    from esc_evolve.evolve.loop import generate_pairs
+    from esc_evolve.evolve.pairs import PairStore
+    from esc_evolve.generation import build_generator
+    from esc_evolve.generation.factory import requests_per_call
+
+    cfg, layout = run.config, run.layout
     parent = layout.model_dir(iteration - 1)
     # Anchored rejected side: M0's replies to these contexts (from iteration 2 on; in iteration 1 M0 is M_t).
     anchored = cfg.evolve.rejected_from == "m0" and iteration > 1
-    rejected = anchor_replies(run, contexts, iteration) if anchored else None
+    todo = [s for s in contexts if s.sample_id not in PairStore(out).done_ids()]
+    rejected = anchor_replies(run, todo, iteration, anchor) if anchored and todo else None
     with build_generator(cfg.model, cfg.generation, parent, seed=cfg.run.seed + iteration) as generator:
         summary = generate_pairs(
             cfg.evolve,
             contexts,
             generator,
-            layout.pairs_file(iteration),
+            out,
             iteration=iteration,
             seed=cfg.run.seed,
             system_prompt=cfg.data.system_prompt,
-            chunk_size=cfg.generation.batch_size,
+            chunk_size=requests_per_call(cfg.generation),
             rejected=rejected,
             rejected_model="m0" if anchored else None,
         )
-    summary["exported_pairs"] = PairStore(layout.pairs_file(iteration)).export_preference(
-        layout.preference_file(iteration)
-    )
+    if export:
+        summary["exported_pairs"] = PairStore(out).export_preference(layout.preference_file(iteration))
     return summary
 
 
-def anchor_replies(run: RunDir, contexts: list[Any], iteration: int) -> dict[str, Any]:
-    """M0's direct replies to this iteration's contexts (`iterN/anchor.jsonl`), generated once as M_t's drafts
-    are (same requests, same decoding): the rejected side with `evolve.rejected_from: m0`."""
-    from esc_evolve.generation import GenerationRequest, GenerationResult, build_generator
+def anchor_replies(run: RunDir, contexts: list[Any], iteration: int, file: Path | None = None) -> dict[str, Any]:
+    """M0's direct replies to these contexts (`iterN/anchor.jsonl`, or a shard's `file`), generated once as M_t's
+    drafts are (same requests, same seeds, same decoding): the rejected side with `evolve.rejected_from: m0`."""
+    from esc_evolve.evolve.loop import draft_request
+    from esc_evolve.generation import GenerationResult, build_generator
 
-    cfg, file = run.config, run.layout.anchor_file(iteration)
+    cfg, file = run.config, file or run.layout.anchor_file(iteration)
     saved = {row["request_id"]: GenerationResult(**row) for row in _read_jsonl(file)}
     if {s.sample_id for s in contexts} <= saved.keys():
         return saved
-    requests = [
-        GenerationRequest(messages=build_messages(s.context, cfg.data.system_prompt), id=s.sample_id) for s in contexts
-    ]
+    seed = cfg.run.seed + iteration  # the seed generate_pairs gives M_t's drafts
+    requests = [draft_request(build_messages(s.context, cfg.data.system_prompt), s, seed) for s in contexts]
     m0 = run.layout.model_dir(0)
     with build_generator(cfg.model, cfg.generation, m0, seed=cfg.run.seed + iteration) as generator:
         results = generator.generate(requests)
@@ -235,9 +280,10 @@ def dpo(run: RunDir, iteration: int) -> dict[str, Any]:
         )
     except NoPairsError as exc:
         log.warning("%s -- m%d is m%d unchanged", exc, iteration, iteration - 1)
-        copy_model(parent, target)
-        return {"iteration": iteration, "pairs": 0, "steps": 0, "unchanged_from": parent.name}
-    return {"iteration": iteration, **summary}
+        if _main_process(cfg):  # under accelerate (`esc-evolve dpo`), one writer
+            copy_model(parent, target)
+        return served(run, iteration, {"iteration": iteration, "pairs": 0, "steps": 0, "unchanged_from": parent.name})
+    return served(run, iteration, {"iteration": iteration, **summary})
 
 
 def sft_more(run: RunDir, iteration: int) -> dict[str, Any]:
@@ -276,7 +322,7 @@ def sft_more(run: RunDir, iteration: int) -> dict[str, Any]:
         work_dir=layout.sft_more_work_dir(iteration),
         log_dir=layout.tensorboard_dir(f"sft{iteration}"),
     )
-    return {**summary, **trained}
+    return served(run, iteration, {**summary, **trained})
 
 
 def matched_steps(run_dir: str | None, iteration: int) -> int | None:

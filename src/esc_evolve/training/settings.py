@@ -15,6 +15,8 @@ Where we differ from trl's defaults, and why:
 
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,10 @@ from typing import Any
 import torch
 
 from esc_evolve.config import LoraSettings, ModelSettings, SFTSettings, TrainerSettings
+from esc_evolve.errors import ConfigError
 from esc_evolve.models import select_device, select_dtype
+
+log = logging.getLogger(__name__)
 
 # LoRA targets by backbone family (`model_type` in config.json), used when `lora.target_modules` is null:
 # attention and MLP projections, which is what LoRA papers on chat SFT use. Unknown families fall back to
@@ -110,7 +115,7 @@ def trainer_args(trainer: TrainerSettings, seed: int, output_dir: Path, runtime:
         "max_steps": trainer.max_steps,
         "per_device_train_batch_size": trainer.per_device_batch_size,
         "per_device_eval_batch_size": trainer.per_device_batch_size,
-        "gradient_accumulation_steps": trainer.gradient_accumulation_steps,
+        "gradient_accumulation_steps": gradient_accumulation(trainer, world_size()),
         "max_length": trainer.max_length,
         "lr_scheduler_type": trainer.lr_scheduler,
         "warmup_steps": trainer.warmup_ratio,  # transformers 5: a float below 1 is a ratio of the total steps
@@ -129,6 +134,47 @@ def trainer_args(trainer: TrainerSettings, seed: int, output_dir: Path, runtime:
         "ddp_find_unused_parameters": False,
         "dataloader_num_workers": 0,
     }
+
+
+def world_size() -> int:
+    """Processes of this training job (torchrun and accelerate set WORLD_SIZE; 1 when launched alone)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def gradient_accumulation(trainer: TrainerSettings, processes: int) -> int:
+    """Accumulation steps per optimiser step. With `global_batch_size`, they adapt to the process count so that an
+    optimiser step sees the same samples on 1 GPU or 8 (and the learning rate means the same); logged."""
+    if trainer.global_batch_size is None:
+        return trainer.gradient_accumulation_steps
+    per_pass = trainer.per_device_batch_size * processes
+    if trainer.global_batch_size % per_pass:
+        raise ConfigError(
+            f"global_batch_size {trainer.global_batch_size} is not a multiple of per_device_batch_size "
+            f"{trainer.per_device_batch_size} x {processes} processes = {per_pass}: change one of them"
+        )
+    steps = trainer.global_batch_size // per_pass
+    log.info(
+        "global batch %d = %d per device x %d processes x %d accumulation steps",
+        trainer.global_batch_size, trainer.per_device_batch_size, processes, steps,
+    )  # fmt: skip
+    return steps
+
+
+def deepspeed_stage(trainer: Any) -> int | None:
+    """The ZeRO stage a transformers Trainer runs under, or None without DeepSpeed."""
+    if not getattr(trainer, "is_deepspeed_enabled", False):
+        return None
+    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
+    return int(plugin.zero_stage) if plugin is not None else None
+
+
+def eval_before_training_problem(zero_stage: int | None) -> str | None:
+    """Why the untrained model cannot be evaluated before training, or None. Before `train()` builds the engine,
+    transformers evaluates through DeepSpeed inference, which only ZeRO-3 has ("ZeRO inference only makes sense
+    with ZeRO Stage 3"); after training the engine exists and evaluation works at any stage."""
+    if zero_stage is not None and zero_stage < 3:
+        return f"DeepSpeed ZeRO-{zero_stage} cannot evaluate before training (ZeRO inference needs stage 3)"
+    return None
 
 
 def trl_sft_config(settings: SFTSettings, seed: int, output_dir: Path, runtime: Runtime) -> Any:

@@ -29,6 +29,8 @@ from esc_evolve.storage import publish_folder, read_json, staging_folder, write_
 from esc_evolve.training.data import Row, SFTRows, build_sft_rows, fit_to_length, trl_dataset
 from esc_evolve.training.settings import (
     Runtime,
+    deepspeed_stage,
+    eval_before_training_problem,
     lora_config,
     model_init_kwargs,
     process_state,
@@ -151,8 +153,11 @@ def train_and_evaluate(trainer: Any, runtime: Runtime, checkpoints: Path, state:
     """Eval the untrained model, train from the newest checkpoint if there is one, eval again."""
     from esc_evolve.training.speed import fast_paths
 
+    problem = eval_before_training_problem(deepspeed_stage(trainer)) if has_eval else None
+    if problem:
+        log.info("no eval loss of the untrained backbone: %s", problem)
     with fast_paths(trainer, runtime):
-        base_loss = base_eval_loss(trainer, checkpoints, state) if has_eval else None
+        base_loss = base_eval_loss(trainer, checkpoints, state) if has_eval and problem is None else None
         resume_from = latest_checkpoint(checkpoints)
         if resume_from:
             log.info("resuming SFT from %s", resume_from)
@@ -312,6 +317,8 @@ def merge_adapter(model: ModelSettings, adapter: Path, target: Path) -> None:
 
 
 def samples_per_step(settings: SFTSettings, processes: int) -> int:
+    if settings.global_batch_size is not None:  # accumulation adapts to the process count (settings.py)
+        return settings.global_batch_size
     return settings.per_device_batch_size * settings.gradient_accumulation_steps * processes
 
 

@@ -147,6 +147,11 @@ class OpenAISettings(StrictModel):
         8, ge=1, description="Requests in flight at once (a thread pool); results come back in input order."
     )
 
+    def over(self, base: OpenAISettings) -> OpenAISettings:
+        """`base` (generation.openai) with the fields set explicitly here: a judge's or simulator's own endpoint
+        block. Fields left unset are defaults, which must not override the generation endpoint."""
+        return base.model_copy(update={name: getattr(self, name) for name in self.model_fields_set})
+
 
 class GenerationSettings(StrictModel):
     """Decoding settings shared by evolve, evaluation and chat; each backend's own settings in its block."""

@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from esc_evolve.config import GenerationSettings, ModelSettings, OpenAISettings, SimulateSettings
+from esc_evolve.config import GenerationSettings, ModelSettings, SimulateSettings
 from esc_evolve.errors import ConfigError
 from esc_evolve.generation import GenerationError, GenerationRequest, Generator, build_generator
 from esc_evolve.registry import Registry
@@ -289,7 +289,7 @@ def _local(settings: SimulateSettings, model: ModelSettings, generation: Generat
 
 @register_simulator("openai")
 def _openai(settings: SimulateSettings, model: ModelSettings, generation: GenerationSettings, seed: int):
-    endpoint = simulator_endpoint(settings.openai, generation.openai)
+    endpoint = generation.openai if settings.openai is None else settings.openai.over(generation.openai)
     if not endpoint.model:
         raise ConfigError(
             "simulate.backend=openai needs simulate.openai.model (the served model's name), or generation.openai.model"
@@ -299,10 +299,3 @@ def _openai(settings: SimulateSettings, model: ModelSettings, generation: Genera
     where = ", ".join(u.rstrip("/") for u in ([urls] if isinstance(urls, str) else urls))  # one server or a farm
     build = functools.partial(build_generator, model, served, None, seed=seed)
     return SeekerSimulator(build, f"{endpoint.model} at {where} (OpenAI-compatible)", settings)
-
-
-def simulator_endpoint(own: OpenAISettings | None, generation: OpenAISettings) -> OpenAISettings:
-    """`generation.openai` with the fields `simulate.openai` sets explicitly (as the judge's endpoint)."""
-    if own is None:
-        return generation
-    return generation.model_copy(update={name: getattr(own, name) for name in own.model_fields_set})

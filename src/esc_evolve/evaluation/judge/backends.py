@@ -94,10 +94,7 @@ def _openai_judge(
 def judge_endpoint(settings: JudgeSettings, generation: GenerationSettings) -> OpenAISettings:
     """`generation.openai` updated with the fields `eval.judge.openai` sets explicitly (the rest are defaults,
     which must not override the generation endpoint)."""
-    if settings.openai is None:
-        return generation.openai
-    own = {name: getattr(settings.openai, name) for name in settings.openai.model_fields_set}
-    return generation.openai.model_copy(update=own)
+    return generation.openai if settings.openai is None else settings.openai.over(generation.openai)
 
 
 def _greedy(generation: GenerationSettings, max_new_tokens: int, **update: object) -> GenerationSettings:

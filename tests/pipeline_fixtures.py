@@ -8,7 +8,8 @@ engine on the tiny model. Select it with `generation.backend=scripted` after `re
     python -m tests.pipeline_fixtures run CONFIG [--set KEY=VALUE ...] [--resume]
 
 is `esc-evolve run` with it registered, for tests that run the pipeline in a subprocess (run from the repository
-root). All text here is written for the tests.
+root); a stage run in its own process (`run.stage_processes`) is started through this module too. All text here
+is written for the tests.
 """
 
 from __future__ import annotations
@@ -250,5 +251,8 @@ def differences(got: Any, expected: Any, path: str = "") -> list[str]:
 if __name__ == "__main__":
     register_scripted_backend()
     from esc_evolve.cli.app import main
+    from esc_evolve.pipeline import processes
+
+    processes.ENTRY_MODULE = "tests.pipeline_fixtures"  # stages in their own processes have `scripted` too
 
     main()

@@ -49,6 +49,19 @@ class RunSettings(StrictModel):
         "adapter folder, copied with its lineage by the sft stage (stages.json records the source). Ablations "
         "share one M0 this way. Relative to the directory you run from.",
     )
+    stage_processes: Literal["auto", "always", "never"] = Field(
+        "auto",
+        description="Run each stage of `esc-evolve run` in its own process (docs/scale.md): 'auto' = when the model "
+        "is on a CUDA device or generation.backend is vllm (a stage then starts with the whole GPU memory free); "
+        "'always'; 'never' = every stage in the run's process, as on a CPU.",
+    )
+    accelerate_config: str | None = Field(
+        None,
+        description="accelerate config file (e.g. configs/accelerate/multi-gpu.yaml) for the training stages when "
+        "stages run in their own processes and more than one CUDA device is visible: they start under "
+        "`accelerate launch` with one process per visible device (null = plain DDP). Relative to the directory "
+        "you run from.",
+    )
 
 
 class DataSettings(StrictModel):

@@ -23,3 +23,7 @@ class RunBusyError(EscEvolveError):
 
 class DiskFullError(EscEvolveError):
     """The disk filled up while a run was writing; what was finished before is kept for --resume."""
+
+
+class StageFailedError(EscEvolveError):
+    """A stage run in its own process failed; the message gives its exit status and the end of its output."""

@@ -88,6 +88,19 @@ def run(
     console.print(f"[green]done[/green]: {run_dir}")
 
 
+@app.command("stage", hidden=True)
+@user_errors
+def stage(
+    run_dir: Path = typer.Argument(..., help="The run directory whose orchestrator started this process."),
+    name: str = typer.Argument(..., help="The stage, as named in stages.json (e.g. iter1.pairs)."),
+) -> None:
+    """One stage for `esc-evolve run` (run.stage_processes), which holds the run's lock and records the stage;
+    by hand, use sft, pairs, dpo or eval."""
+    from esc_evolve.pipeline.processes import run_one_stage
+
+    run_one_stage(run_dir, name)
+
+
 def _register_stage_commands() -> None:
     """Commands of the stage packages, each in its own module (imported here, after the shared helpers)."""
     from esc_evolve.cli import (

@@ -11,7 +11,9 @@ config and the finished stages, `stages.py` reads each stage's inputs from the l
 functions of training/, evolve/ and evaluation/ (which know nothing of run directories), and `evaluation.py`
 generates the responses that evaluation scores. A stage recorded as finished is skipped on `--resume`; a stage
 killed midway continues from what it saved (pairs are appended per chunk, training resumes from checkpoints).
-One process at a time writes a run directory (`RunLock`, RUN/.lock).
+One process at a time writes a run directory (`RunLock`, RUN/.lock). On GPUs `esc-evolve run` is an orchestrator
+that starts each stage in its own process (`processes.py`, `run.stage_processes`), training under `accelerate
+launch`; it alone holds the lock and writes stages.json.
 """
 
 from esc_evolve.pipeline.layout import RunLayout

@@ -1,6 +1,7 @@
 """`RunLayout`: the one place that knows where each artifact of a run lives.
 
     RUN/config.yaml  meta.json  stages.json  .lock  logs/run.log  logs/tensorboard/<stage>/
+    RUN/logs/stages/<stage>.log  <stage>.json               a stage run in its own process: output, summary
     RUN/prepare.json
     RUN/m0/  m0-merged/  sft-checkpoints/                   phase 1 (M0)
     RUN/iterN/pairs.jsonl  preference.jsonl  dpo-checkpoints/  mN/     phase 2, iteration N (M_N)
@@ -57,6 +58,13 @@ class RunLayout:
 
     def tensorboard_dir(self, stage: str) -> Path:
         return self.root / "logs" / "tensorboard" / stage
+
+    # A stage run in its own process (pipeline/processes.py): its output and the summary it hands back
+    def stage_log_file(self, stage: str) -> Path:
+        return self.root / "logs" / "stages" / f"{stage}.log"
+
+    def stage_summary_file(self, stage: str) -> Path:
+        return self.root / "logs" / "stages" / f"{stage}.json"
 
     @property
     def prepare_file(self) -> Path:

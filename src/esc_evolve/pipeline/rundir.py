@@ -138,6 +138,21 @@ class RunLock:
         self._handle = None
 
 
+def lock_held(path: Path) -> bool:
+    """Whether some process holds the lock at `path` (a probe: takes nothing, writes nothing)."""
+    import fcntl
+
+    if not path.is_file():
+        return False
+    with path.open("a", encoding="utf-8") as handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+    return False
+
+
 def _holder(path: Path) -> dict[str, Any] | None:
     try:
         return json.loads(path.read_text(encoding="utf-8") or "null")

@@ -29,30 +29,45 @@ Stage = Callable[[RunDir], dict[str, Any]]
 
 
 def run_pipeline(config: ExperimentConfig, resume: bool = False) -> Path:
-    """Run every stage not yet finished, in order, as the one writer of the run directory."""
+    """Run every stage not yet finished, in order, as the one writer of the run directory: each in this process,
+    or each in its own (`run.stage_processes`, pipeline/processes.py) with this one as the orchestrator."""
+    from esc_evolve.pipeline.processes import refuse_launcher, stage_processes
+
+    refuse_launcher()
     layout = RunLayout.of(config.run)
     setup_logging(config.run.log_level, layout.log_file)
     with RunLock(layout.lock_file):
         run = RunDir.create(config, resume=resume)
-        log.info("run directory: %s", run.path)
+        in_child = stage_processes(config)
+        log.info("run directory: %s (stages in %s)", run.path, "their own processes" if in_child else "this process")
         for name, stage in stages(config):
             if run.stage_done(name):
                 log.info("stage %s: already finished, skipped", name)
                 continue
-            run_stage(run, name, stage)
+            run_stage(run, name, stage, in_child=in_child)
     return run.path
 
 
-def run_stage(run: RunDir, name: str, stage: Stage) -> None:
-    """One stage, recorded in stages.json when it finishes. A full disk stops the run with a message: what was
+def run_stage(run: RunDir, name: str, stage: Stage, in_child: bool = False) -> None:
+    """One stage, here or in a child process, recorded in stages.json when it finishes."""
+    from esc_evolve.pipeline.processes import run_in_child
+
+    log.info("stage %s: started", name)
+    started = time.perf_counter()
+    summary = run_in_child(run, name) if in_child else execute_stage(run, name, stage)
+    summary["wall_seconds"] = round(time.perf_counter() - started, 2)
+    run.mark_done(name, summary)
+    log.info("stage %s: finished in %.1f s", name, summary["wall_seconds"])
+
+
+def execute_stage(run: RunDir, name: str, stage: Stage) -> dict[str, Any]:
+    """The stage function, from the run's seed; its summary. A full disk stops the run with a message: what was
     finished before (stages, written pairs, checkpoints, published models) stays usable by --resume."""
     from transformers import set_seed
 
-    log.info("stage %s: started", name)
-    set_seed(run.config.run.seed)  # each stage starts from the same RNG state, resumed or not
-    started = time.perf_counter()
+    set_seed(run.config.run.seed)  # each stage starts from the same RNG state, resumed or not, in any process
     try:
-        summary = stage(run)
+        return stage(run)
     except Exception as exc:
         full = _disk_full(exc)
         if full is None:
@@ -62,9 +77,6 @@ def run_stage(run: RunDir, name: str, stage: Stage) -> None:
             f"stage {name}: no space left on the device{where}; free some space and rerun with --resume "
             "(finished stages, written pairs and checkpoints are kept)"
         ) from exc
-    summary["wall_seconds"] = round(time.perf_counter() - started, 2)
-    run.mark_done(name, summary)
-    log.info("stage %s: finished in %.1f s", name, summary["wall_seconds"])
 
 
 def _disk_full(exc: BaseException | None) -> BaseException | None:
@@ -307,7 +319,8 @@ def sft_more(run: RunDir, iteration: int) -> dict[str, Any]:
             iteration,
             iteration - 1,
         )
-        copy_model(parent, target)
+        if _main_process(cfg):  # under accelerate (a stage process on several GPUs), one writer
+            copy_model(parent, target)
         return {**summary, "steps": 0, "unchanged_from": parent.name}
     trainer = {name: getattr(cfg.dpo, name) for name in TrainerSettings.model_fields}
     settings = SFTSettings(**{**trainer, "max_steps": steps if steps is not None else cfg.dpo.max_steps})

@@ -182,6 +182,7 @@ VOLATILE = {
     "finished",
     "created",
     "wall_seconds",
+    "setup_seconds",
     "session_seconds",
     "session_steps",
     "session_tokens",

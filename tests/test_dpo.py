@@ -5,13 +5,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import TrainerCallback
 
 from esc_evolve.config import ExperimentConfig, validate_config
 from esc_evolve.models import load_model
 from esc_evolve.models.lineage import adapter_chain, write_lineage
 from esc_evolve.pipeline import RunDir
 from esc_evolve.pipeline.stages import dpo as dpo_stage
-from esc_evolve.training.dpo import NoPairsError, build_dpo_trainer, train_dpo, trl_loss
+from esc_evolve.training.dpo import LOGGED, NoPairsError, build_dpo_trainer, train_dpo, trl_loss
 from esc_evolve.training.settings import resolve_runtime
 from tests.sft_fixtures import Interrupted, StopAt
 
@@ -63,7 +64,12 @@ def _m0(run_path: Path, model_dir: Path) -> Path:
 def _write_pairs(run_path: Path, iteration: int = 1) -> None:
     folder = run_path / f"iter{iteration}"
     folder.mkdir(parents=True, exist_ok=True)
-    rows = [
+    (folder / "preference.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _rows()))
+
+
+def _rows() -> list[dict]:
+    """PAIRS as conversational preference rows, as `preference.jsonl` holds them."""
+    return [
         {
             "prompt": [{"role": "system", "content": "Be kind."}, {"role": "user", "content": c}],
             "chosen": [{"role": "assistant", "content": y2}],
@@ -71,7 +77,6 @@ def _write_pairs(run_path: Path, iteration: int = 1) -> None:
         }
         for c, y2, y in PAIRS
     ]
-    (folder / "preference.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 def test_loss_options_map_to_trl() -> None:
@@ -267,3 +272,170 @@ def _train(config: ExperimentConfig, run_path: Path, m0: Path, callbacks=None) -
         work_dir=folder / "dpo-checkpoints",
         callbacks=callbacks,
     )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Speed: the reference scored once before training, pairs grouped by length, SFT's fast paths
+
+
+class Logs(TrainerCallback):
+    """Every training log at full precision (the summary rounds to 4 decimals)."""
+
+    def __init__(self) -> None:
+        self.history: list[dict[str, float]] = []
+        self.threads: list[int] = []
+
+    def on_train_begin(self, args, state, control, **kwargs) -> None:
+        self.threads.append(torch.get_num_threads())
+
+    def on_log(self, args, state, control, logs=None, **kwargs) -> None:
+        if logs and "loss" in logs:
+            self.history.append({key: logs[key] for key in ("loss", *LOGGED) if key in logs})
+
+
+@pytest.mark.parametrize("reference", ["current", "m0"])
+def test_a_precomputed_reference_trains_as_one_scored_in_each_step(
+    tmp_path: Path, tiny_model_dir: Path, reference: str
+) -> None:
+    """precompute_ref_log_probs moves the reference forwards out of the steps and nothing else: the loss, rewards
+    and log-probs of every step are those of the reference scored inside the step, with the adapter disabled
+    (reference M_t) and with a separate model (`dpo.reference: m0` in iteration 2)."""
+    config = _config(tmp_path, tiny_model_dir, max_steps=3, epochs=2)
+    run = RunDir.create(config)
+    m0 = _m0(run.path, tiny_model_dir)
+    _write_pairs(run.path)
+    parent, other = m0, None
+    if reference == "m0":
+        parent, other = run.path / "m1", m0
+        _random_adapter_on(config, m0, parent)
+    runs = {}
+    for precompute in (False, True):
+        settings = config.dpo.model_copy(update={"precompute_ref_log_probs": precompute})
+        logs = Logs()
+        out = tmp_path / f"precompute-{precompute}"
+        summary = train_dpo(
+            settings, config.model, parent, run.path / "iter1/preference.jsonl", out / "m",
+            seed=config.run.seed, work_dir=out / "work", callbacks=[logs], reference=other,
+        )  # fmt: skip
+        assert summary["steps"] == 3
+        runs[precompute] = logs.history
+    on_the_fly, precomputed = runs[False], runs[True]
+    assert len(on_the_fly) == len(precomputed) == 3 and set(on_the_fly[0]) == {"loss", *LOGGED}
+    assert on_the_fly[-1]["rewards/margins"] != 0  # the policy moved: a reference that followed it would show
+    for step_a, step_b in zip(on_the_fly, precomputed, strict=True):
+        for key, value in step_a.items():
+            if key == "rewards/accuracies" and abs(step_a["rewards/margins"]) < 1e-4:
+                continue  # a tie (the policy is still the reference): float noise decides chosen > rejected
+            assert step_b[key] == pytest.approx(value, abs=1e-5, rel=1e-5), key
+
+
+def test_speed_settings_reach_trl(tmp_path: Path) -> None:
+    from esc_evolve.config import DPOSettings
+    from esc_evolve.training.dpo import trl_dpo_config
+
+    runtime = resolve_runtime(validate_config({"model": {"device": "cpu"}}, "<test>").model, DPOSettings(bf16=False))
+    args = trl_dpo_config(DPOSettings(), 1, tmp_path, runtime)
+    assert args.precompute_ref_log_probs is True and args.train_sampling_strategy == "group_by_length"
+    assert args.include_num_input_tokens_seen == "non_padding"
+    off = DPOSettings(precompute_ref_log_probs=False, group_by_length=False)
+    args = trl_dpo_config(off, 1, tmp_path, runtime)
+    assert args.precompute_ref_log_probs is False and args.train_sampling_strategy == "random"
+
+
+def test_pairs_are_grouped_by_their_longer_side(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """transformers' length-grouped sampler cannot measure trl's tokenised pairs by itself; ours tells it the
+    length of each pair's longer padded row, and every pair is still drawn once per epoch."""
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    config = _config(tmp_path, tiny_model_dir, max_length=40)
+    m0 = _m0(RunDir.create(config).path, tiny_model_dir)
+    long = "It sounds like a lot at once. " * 12  # past max_length: counted as truncated
+    rows = [
+        {"prompt": [{"role": "user", "content": c}], "chosen": [{"role": "assistant", "content": y2}],
+         "rejected": [{"role": "assistant", "content": long if i == 0 else y}]}
+        for i, (c, y2, y) in enumerate(PAIRS)
+    ]  # fmt: skip
+    runtime = resolve_runtime(config.model, config.dpo)
+    trainer = build_dpo_trainer(config.dpo, config.model, rows, runtime, m0, config.run.seed, tmp_path / "work", [])
+    data = trainer.train_dataset
+    expected = [
+        min(len(p) + max(len(c), len(r)), 40)
+        for p, c, r in zip(data["prompt_ids"], data["chosen_ids"], data["rejected_ids"], strict=True)
+    ]
+    sampler = trainer._get_train_sampler()
+    assert isinstance(sampler, LengthGroupedSampler) and sampler.lengths == expected and expected[0] == 40
+    assert sorted(sampler) == list(range(len(rows)))
+    batches = list(trainer.get_train_dataloader())
+    assert sum(len(batch["input_ids"]) for batch in batches) == 2 * len(rows)  # chosen and rejected rows
+
+
+def test_dpo_trains_with_sfts_fast_paths_and_its_thread_setting(
+    tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The LM head scores only reply tokens, in the precomputed reference pass and in the steps; the model is
+    loaded with the runtime's attention; `dpo.num_threads` is what training runs with; the summary says so."""
+    import trl.trainer.utils as trl_utils
+
+    config = _config(tmp_path, tiny_model_dir, max_steps=2, num_threads=1)
+    run = RunDir.create(config)
+    m0 = _m0(run.path, tiny_model_dir)
+    _write_pairs(run.path)
+    scored: list[int] = []
+    apply = trl_utils._ChunkedLogProbFunction.apply
+    monkeypatch.setattr(
+        trl_utils._ChunkedLogProbFunction, "apply", lambda h, *a: scored.append(h.shape[0]) or apply(h, *a)
+    )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    logs = Logs()
+    try:
+        summary = _train(config, run.path, m0, callbacks=[logs])
+    finally:
+        torch.set_num_threads(threads)
+    assert logs.threads == [1] and summary["runtime"]["torch_threads"] == 1
+    assert summary["runtime"]["bf16"] is False and summary["tokens_per_second"] > 0
+    # Scored: the reply tokens (each with its end-of-turn tokens) of every pair, not every position; once in the
+    # reference pass (2 batches of 2 pairs, before training) and once in the 2 steps (2 pairs each).
+    replies = sum(_reply_tokens(config, pair) for pair in _rows())
+    assert len(scored) == 4 and sum(scored[:2]) == sum(scored[2:]) == replies
+
+
+def _reply_tokens(config: ExperimentConfig, row: dict) -> int:
+    from esc_evolve.data.prompts import encode_prompt
+
+    tokenizer = load_model(config.model)[1]
+    prompt = len(encode_prompt(tokenizer, row["prompt"]))
+    sides = [row["prompt"] + row[side] for side in ("chosen", "rejected")]
+    return sum(len(encode_prompt(tokenizer, chat, add_generation_prompt=False)) - prompt for chat in sides)
+
+
+def test_build_dpo_trainer_uses_the_runtime_attention(tmp_path: Path, tiny_model_dir: Path) -> None:
+    config = _config(tmp_path, tiny_model_dir)
+    m0 = _m0(RunDir.create(config).path, tiny_model_dir)
+    runtime = resolve_runtime(config.model, config.dpo)
+    trainer = build_dpo_trainer(config.dpo, config.model, _rows(), runtime, m0, config.run.seed, tmp_path / "work", [])
+    assert runtime.attn_implementation == "eager" == trainer.model.config._attn_implementation
+
+
+def test_a_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """The precomputed reference log-probs are not in the checkpoint: a resumed run scores the pairs again with
+    the same reference (M_t, the adapter disabled), and ends with the weights of a run that was never stopped."""
+    from safetensors.torch import load_file
+
+    config = _config(tmp_path, tiny_model_dir, epochs=2, max_steps=-1)  # 4 pairs, 2 per step: 4 steps
+    assert config.dpo.precompute_ref_log_probs and config.dpo.group_by_length
+    ends = {}
+    for name in ("whole", "killed"):
+        run_path = tmp_path / name
+        run_path.mkdir()
+        m0 = _m0(run_path, tiny_model_dir)
+        _write_pairs(run_path)
+        if name == "killed":
+            with pytest.raises(Interrupted):
+                _train(config, run_path, m0, callbacks=[StopAt(3)])  # killed after the step-2 checkpoint
+        summary = _train(config, run_path, m0)
+        assert summary["steps"] == 4 and summary["resumed_from_step"] == (2 if name == "killed" else None)
+        ends[name] = load_file(run_path / "iter1/m1/adapter_model.safetensors")
+    assert ends["whole"].keys() == ends["killed"].keys()
+    for key, value in ends["whole"].items():
+        torch.testing.assert_close(ends["killed"][key], value, atol=1e-6, rtol=1e-5)

@@ -244,7 +244,8 @@ class DPOSettings(TrainerSettings):
     """DPO of M_t on its own pairs (gives M_{t+1}); the reference model is M_t.
 
     Differs from trl's DPOConfig defaults: learning rate 5e-5 (trl: 1e-6, meant for full fine-tuning; a fresh
-    LoRA adapter needs more), bf16 and gradient checkpointing per device as in `sft`.
+    LoRA adapter needs more), bf16 and gradient checkpointing per device as in `sft`, reference log-probs
+    precomputed once per iteration and pairs grouped by length (docs/evolve.md, "Speed").
     DPO rewards length; two documented counters: `loss_type: sigmoid_norm` (log-probs averaged over tokens)
     and `ld_alpha` (LD-DPO: down-weights the tokens of the longer response beyond the shared length).
     """
@@ -268,6 +269,13 @@ class DPOSettings(TrainerSettings):
         description="The DPO reference: 'current' = M_t, the model being trained on (the method); 'm0' = M0 in "
         "every iteration (an ablation; the same as 'current' in iteration 1).",
     )
+    precompute_ref_log_probs: bool = Field(
+        True,
+        description="Score every pair with the reference once, before training (trl's option), instead of in each "
+        "step: the reference is fixed during an iteration, so the loss is the same and each later epoch skips a "
+        "forward pass. Recomputed, identically, when a run resumes.",
+    )
+    group_by_length: bool = Field(True, description="Batch pairs of similar length (less padding).")
 
 
 class ReflectionFilters(StrictModel):

@@ -4,6 +4,11 @@ The reference model must be M_t, not the raw backbone. M_t's adapter chain is me
 fresh LoRA adapter is trained on top; trl computes the reference log-probs with the adapter disabled, which is
 exactly the merged M_t. M_{t+1} is saved as that adapter with a lineage pointer to M_t (see models/lineage.py).
 
+Speed (benchmarks/dpo_step.py measures each): the reference log-probs are computed once, before training
+(`dpo.precompute_ref_log_probs`), pairs are batched by length (`dpo.group_by_length`), and training runs under
+SFT's fast paths (bf16 autocast where the device has it, eager attention on CPU, LM head only on the reply
+tokens, LoRA inputs left in the autocast dtype).
+
 `train_dpo(settings, model, parent, preference_file, output_dir, ...)` needs no run directory: it writes the
 adapter and `train_summary.json` to `output_dir` (published by renaming a finished folder), resumable
 checkpoints to `work_dir` and TensorBoard logs to `log_dir`.
@@ -28,7 +33,13 @@ from esc_evolve.training.settings import (
     tensorboard_callback,
     trainer_args,
 )
-from esc_evolve.training.sft import NoCheckpointAtTheEnd, latest_checkpoint, save_adapter
+from esc_evolve.training.sft import (
+    NoCheckpointAtTheEnd,
+    latest_checkpoint,
+    runtime_info,
+    samples_per_step,
+    save_adapter,
+)
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +75,12 @@ def trl_dpo_config(settings: DPOSettings, seed: int, output_dir: Path, runtime: 
         loss_type=loss_type,
         loss_weights=loss_weights,
         ld_alpha=settings.ld_alpha,
+        # The reference never changes during an iteration: one forward per pair, before training, instead of one per
+        # pair and epoch inside the steps. Recomputed (the same numbers) whenever the trainer is built, so a resumed
+        # run needs nothing from the checkpoint.
+        precompute_ref_log_probs=settings.precompute_ref_log_probs,
+        train_sampling_strategy="group_by_length" if settings.group_by_length else "random",
+        include_num_input_tokens_seen="non_padding",  # chosen + rejected rows, for tokens/s
     )
 
 
@@ -87,27 +104,35 @@ def train_dpo(
     `NoPairsError` when the file holds no pair."""
     from transformers import set_seed
 
-    from esc_evolve.training.speed import set_torch_threads
+    from esc_evolve.training.speed import ThroughputCallback, compact_lm_head_on_cpu, fast_paths, set_torch_threads
 
     work_dir = work_dir or output_dir.with_name(f"{output_dir.name}-checkpoints")
     rows = _read_preference(preference_file)
     started = time.perf_counter()
     set_seed(seed)  # trl draws the LoRA weights before the trainer seeds itself: same seed, same M_t+1
     state = process_state(model)
-    set_torch_threads(settings.num_threads)
+    threads = set_torch_threads(settings.num_threads)
     runtime = resolve_runtime(model, settings)
-    extra = [NoCheckpointAtTheEnd(), *(callbacks or [])]
-    trainer = build_dpo_trainer(settings, model, rows, runtime, parent, seed, work_dir, extra, log_dir, reference)
-    resume_from = latest_checkpoint(work_dir)
-    if resume_from:
-        log.info("resuming DPO from %s", resume_from)
-    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    throughput = ThroughputCallback()
+    extra = [throughput, NoCheckpointAtTheEnd(), *(callbacks or [])]
+    # trl runs the precomputed reference pass while the trainer is built: the compact LM head must be on by then.
+    with compact_lm_head_on_cpu():
+        trainer = build_dpo_trainer(settings, model, rows, runtime, parent, seed, work_dir, extra, log_dir, reference)
+        setup_seconds = round(time.perf_counter() - started, 2)
+        resume_from = latest_checkpoint(work_dir)
+        if resume_from:
+            log.info("resuming DPO from %s", resume_from)
+        with fast_paths(trainer, runtime):
+            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     summary = {
         "pairs": len(rows),
         **({"reference": str(reference)} if reference is not None else {}),
         "steps": trainer.state.global_step,
         "resumed_from_step": int(resume_from.name.split("-")[-1]) if resume_from else None,
         **logged_metrics(trainer.state.log_history),
+        **throughput.summary(samples_per_step(settings, state.num_processes)),
+        "setup_seconds": setup_seconds,  # loading, tokenising and, by default, the reference pass
+        "runtime": runtime_info(runtime, threads, state.num_processes),
         "wall_seconds": round(time.perf_counter() - started, 2),
     }
     save_adapter(trainer, output_dir, summary, state, model.name, parent)
@@ -126,12 +151,11 @@ def build_dpo_trainer(
     log_dir: Path | None = None,
     reference: Path | None = None,
 ) -> Any:
-    from trl import DPOTrainer
-
     from esc_evolve.models import load_model
 
     # M_t with every adapter merged: the starting point of the new adapter and, with it disabled, the reference.
-    typed = model.model_copy(update={"dtype": _dtype_name(runtime)})
+    # Loaded in the dtype and with the attention SFT trains with (bf16 weights under bf16 autocast, eager on CPU).
+    typed = model.model_copy(update={"dtype": _dtype_name(runtime), "attn_implementation": runtime.attn_implementation})
     loaded, tokenizer = load_model(typed, parent, merge=True)
     loaded.train()
     # Another reference (M0): a second, frozen model that trl scores the pairs with instead of disabling the adapter.
@@ -139,7 +163,7 @@ def build_dpo_trainer(
     if reference is not None and reference.resolve() != parent.resolve():
         ref_model = load_model(typed, reference, merge=True)[0]
     tensorboard = tensorboard_callback(log_dir)
-    return DPOTrainer(
+    return dpo_trainer_class()(
         model=loaded,
         ref_model=ref_model,
         args=trl_dpo_config(settings, seed, work_dir, runtime),
@@ -148,6 +172,49 @@ def build_dpo_trainer(
         peft_config=lora_config(settings.lora, loaded.config.model_type),
         callbacks=[*callbacks, *([tensorboard] if tensorboard else [])],
     )
+
+
+def dpo_trainer_class() -> type:
+    """trl's `DPOTrainer` with two fixes for our defaults (trl has no option for either).
+
+    - `group_by_length`: transformers' `LengthGroupedSampler` measures an `input_ids` column, which trl's tokenised
+      pairs do not have (they hold `prompt_ids`, `chosen_ids`, `rejected_ids`), so the plain trainer fails with
+      that strategy. It is told each pair's length: that of its longer side, one padded row each.
+    - `precompute_ref_log_probs`: trl's reference pass batches the pairs in dataset order, so a batch pads to its
+      longest pair (~20% padding on ESC pairs); it scores them sorted by length instead, then restores the order.
+      And it iterates a DataLoader, which draws a seed from torch's generator after the trainer seeded itself:
+      that would change the order pairs are trained in, so it runs on a forked generator. Same steps, same order.
+    """
+    import torch
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+    from trl import DPOTrainer
+
+    class EscDPOTrainer(DPOTrainer):
+        def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+            dataset = self.train_dataset if train_dataset is None else train_dataset
+            if self.args.train_sampling_strategy != "group_by_length" or dataset is None:
+                return super()._get_train_sampler(train_dataset)
+            batch = self.args.train_batch_size * self.args.gradient_accumulation_steps  # as transformers groups
+            return LengthGroupedSampler(batch, lengths=pair_lengths(dataset, self.args.max_length))
+
+        def _precompute_ref_logps(self, dataset: Any, name: str, batch_size: int) -> Any:
+            lengths = pair_lengths(dataset, self.args.max_length)
+            order = sorted(range(len(lengths)), key=lengths.__getitem__)
+            with torch.random.fork_rng(devices=[]):
+                scored = super()._precompute_ref_logps(dataset.select(order), name, batch_size)
+            back = [0] * len(order)
+            for position, index in enumerate(order):
+                back[index] = position
+            return scored.select(back)
+
+    return EscDPOTrainer
+
+
+def pair_lengths(dataset: Any, max_length: int | None) -> list[int]:
+    """Tokens in the longer row (prompt + chosen or prompt + rejected) of each tokenised pair, as truncated."""
+    columns = zip(dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"], strict=True)
+    lengths = [len(prompt) + max(len(chosen), len(rejected)) for prompt, chosen, rejected in columns]
+    return [min(length, max_length) for length in lengths] if max_length else lengths
 
 
 def logged_metrics(history: list[dict[str, Any]]) -> dict[str, Any]:

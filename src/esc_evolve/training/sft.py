@@ -23,7 +23,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from esc_evolve.config import DataSettings, ModelSettings, SFTSettings
+from esc_evolve.config import DataSettings, ModelSettings, SFTSettings, TrainerSettings
 from esc_evolve.models.lineage import write_lineage
 from esc_evolve.storage import publish_folder, read_json, staging_folder, write_json_atomic
 from esc_evolve.training.data import Row, SFTRows, build_sft_rows, fit_to_length, trl_dataset
@@ -83,7 +83,7 @@ def train_sft(
         "train_loss_last_logged": _last_logged_loss(trainer),
         **rows.counts,
         "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
-        "runtime": _runtime_info(runtime, threads, state.num_processes),
+        "runtime": runtime_info(runtime, threads, state.num_processes),
         "wall_seconds": round(time.perf_counter() - started, 2),
     }
     save_adapter(trainer, output_dir, summary, state, model.name)
@@ -316,7 +316,7 @@ def merge_adapter(model: ModelSettings, adapter: Path, target: Path) -> None:
     log.info("merged model saved to %s", target)
 
 
-def samples_per_step(settings: SFTSettings, processes: int) -> int:
+def samples_per_step(settings: TrainerSettings, processes: int) -> int:
     if settings.global_batch_size is not None:  # accumulation adapts to the process count (settings.py)
         return settings.global_batch_size
     return settings.per_device_batch_size * settings.gradient_accumulation_steps * processes
@@ -332,7 +332,8 @@ def _last_logged_loss(trainer: Any) -> float | None:
     return _round(losses[-1]) if losses else None
 
 
-def _runtime_info(runtime: Runtime, threads: int, processes: int) -> dict[str, Any]:
+def runtime_info(runtime: Runtime, threads: int, processes: int) -> dict[str, Any]:
+    """What the summary records of how a trainer ran: device, precision, threads, processes."""
     return {
         "device": str(runtime.device),
         "dtype": str(runtime.dtype).removeprefix("torch."),

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -45,16 +46,46 @@ REFINED = (
 )
 
 
+SITUATION_LINE = re.compile(r"^The person is dealing with (.*)$", re.MULTILINE)
+QUOTED_SEEKER = re.compile(r'^Person: "(.*)"$', re.MULTILINE)
+
+
 def is_refinement(request: GenerationRequest) -> bool:
     """A refinement request: its system message carries the reflection (see evolve/refinement.py)."""
     messages = request.messages or []
     return bool(messages) and "What you noticed about this person" in messages[0]["content"]
 
 
+def field_answer(request: GenerationRequest) -> str:
+    """A reflection field's scripted answer. The situation names the content words of what the seeker said in the
+    question's conversation (as a model that read it would), so it is grounded; a seeker who said nothing specific
+    ("hey") gets FIELD_ANSWERS' situation, which names nothing they said: generic, and the pair is dropped."""
+    name = str(request.id).rsplit(":", 1)[1]
+    if name != "situation":
+        return FIELD_ANSWERS[name]
+    from esc_evolve.evolve.grounding import content_words
+
+    said = QUOTED_SEEKER.findall((request.messages or [])[-1]["content"])
+    found = list(dict.fromkeys(w for text in said for w in content_words(text)))[:4]
+    return f" what they told me about {' '.join(found)}." if found else FIELD_ANSWERS["situation"]
+
+
+def using_the_reflection(reply: str, request: GenerationRequest) -> str:
+    """`reply`, naming the situation the refinement's system message carries (as a refinement that uses the
+    reflection does); `reply` alone when the message carries none."""
+    from esc_evolve.evolve.grounding import content_words
+
+    found = SITUATION_LINE.findall((request.messages or [{}])[0].get("content", ""))
+    named = content_words(found[0])[:3] if found else []
+    return f"{reply} You mentioned {' and '.join(named)}." if named else reply
+
+
 def refined_reply(request: GenerationRequest) -> str:
-    """One of REFINED, chosen by the seeker's last message (hashlib: the same in every process)."""
+    """One of REFINED, chosen by the seeker's last message (hashlib: the same in every process), naming the
+    reflected situation."""
     said = (request.messages or [])[-1]["content"]
-    return REFINED[int(hashlib.sha256(said.encode("utf-8")).hexdigest(), 16) % len(REFINED)]
+    reply = REFINED[int(hashlib.sha256(said.encode("utf-8")).hexdigest(), 16) % len(REFINED)]
+    return using_the_reflection(reply, request)
 
 
 class ScriptedReflections(Generator):
@@ -70,8 +101,7 @@ class ScriptedReflections(Generator):
         passed = []
         for index, request in enumerate(requests):
             if request.continuation:  # a reflection field, answered after its prefix
-                answer = FIELD_ANSWERS[str(request.id).rsplit(":", 1)[1]]
-                results[index] = GenerationResult(answer, 5, "stop_string", request.id)
+                results[index] = GenerationResult(field_answer(request), 5, "stop_string", request.id)
             elif is_refinement(request):
                 results[index] = GenerationResult(refined_reply(request), 20, "stop", request.id)
             else:

@@ -163,3 +163,11 @@ def test_a_judge_endpoint_keeps_what_it_inherits_through_a_saved_config() -> Non
             "MY_KEY",
             "http://127.0.0.1:9/v1",
         )
+
+
+def test_a_bare_off_in_yaml_means_the_off_choice() -> None:
+    # YAML 1.1 reads `off` as False; a setting whose choices include 'off' takes it as meant, in files and --set.
+    config = load_config(None, ["evolve.situation_grounding=off", "evolve.filters.role_check=off"])
+    assert (config.evolve.situation_grounding, config.evolve.filters.role_check) == ("off", "off")
+    with pytest.raises(ConfigError, match="situation_grounding"):
+        load_config(None, ["evolve.situation_grounding=true"])

@@ -11,7 +11,7 @@ from esc_evolve.evolve.loop import select_contexts as select
 from esc_evolve.evolve.pairs import PairStore
 from esc_evolve.evolve.principles import load_principles
 from esc_evolve.generation.types import GenerationRequest, GenerationResult, Generator
-from tests.pipeline_fixtures import FIELD_ANSWERS
+from tests.pipeline_fixtures import field_answer, using_the_reflection
 
 LOOP = "I'm so sorry to hear that. " * 5
 REFINED = "Waiting weeks to hear about your contract sounds exhausting. What would help most right now?"
@@ -34,17 +34,28 @@ class ScriptedGenerator(Generator):
     def _answer(self, request: GenerationRequest) -> GenerationResult:
         if request.continuation:  # a reflection field, answered after its prefix
             assert request.messages[-1]["role"] == "user"
-            return GenerationResult(FIELD_ANSWERS[request.id.rsplit(":", 1)[1]], 5, "stop_string", request.id)
+            return GenerationResult(field_answer(request), 5, "stop_string", request.id)
         if "What you noticed about this person" in request.messages[0]["content"]:
             assert request.temperature == 0.7 and request.seed is not None  # y' is sampled, reproducibly
-            return GenerationResult(REFINED, 20, "stop", request.id)
-        self.draft_ids.append(request.id)
+            return GenerationResult(using_the_reflection(REFINED, request), 20, "stop", request.id)
+        if not str(request.id).startswith("probe:"):  # the probes' drafts are M_t's too, but not of a context
+            self.draft_ids.append(request.id)
         return GenerationResult(LOOP, 64, "length", request.id)
+
+
+# The loop's checks on (issue 14): few-shot exemplars, grounded situations, generic probes, every pair filter.
+# The defaults keep the costly ones off (docs/evolve.md, "Measured"); these tests exercise them.
+CHECKS_ON = {
+    "reflection_exemplars": 2,
+    "situation_grounding": "lexical",
+    "generic_probes": 4,
+    "filters": {"role_check": "both", "drop_shortened": True, "require_reflection_use": True},
+}
 
 
 def _config(tmp_path: Path, contexts: int = 6) -> ExperimentConfig:
     return ExperimentConfig.model_validate(
-        {"run": {"output_dir": str(tmp_path)}, "evolve": {"contexts_per_iteration": contexts}}
+        {"run": {"output_dir": str(tmp_path)}, "evolve": {"contexts_per_iteration": contexts, **CHECKS_ON}}
     )
 
 
@@ -99,30 +110,51 @@ def test_contexts_are_fresh_each_iteration_and_seeded(tmp_path: Path) -> None:
 
 
 def test_pairs_carry_provenance_and_filters(tmp_path: Path, tokenizer) -> None:
+    from esc_evolve.evolve.grounding import content_words
+
     store = PairStore(tmp_path / "iter1" / "pairs.jsonl")
     summary = generate_pairs(
         _config(tmp_path), 1, ScriptedGenerator(), tokenizer, store, chunk_size=4, detector=NoRiskDetector()
     )
     records = list(store.read())
     assert len(records) == 6 and summary["contexts"] == 6
-    assert summary["reflection_parse_rate"] == 1.0 and summary["kept"] == 6
-    assert summary["rejected_degenerate"] == {"repetitive": 6}  # kept and counted
-    record = records[0]
-    assert record.chosen == REFINED and record.rejected == LOOP.strip()
+    # A seeker who only said "hey" gives the situation nothing to name: generic, unparsed, dropped.
+    said_something = {
+        s.sample_id
+        for s in select_contexts(_config(tmp_path), 1)
+        if any(content_words(t.text) for t in s.context if t.speaker == "seeker")
+    }
+    assert 0 < len(said_something) < 6
+    for record in records:
+        situation = record.reflection["fields"]["situation"]
+        assert record.keep == (record.sample_id in said_something), record.reasons
+        assert situation["status"] == ("ok" if record.keep else "generic")
+        assert record.keep or record.reasons[0] == "reflection_unparsed"
+    assert summary["kept"] == len(said_something) and summary["rejected_degenerate"] == {"repetitive": 6}
+    record = next(r for r in records if r.keep)
+    assert record.chosen.startswith(REFINED) and record.rejected == LOOP.strip()
     assert record.reflection["fields"]["emotion"]["value"] == "anxiety"
-    assert "a contract that may not be renewed" in record.refine_system
+    # the same critique for every context, probes included: generic, it carries no weight (not required, not shown)
+    assert record.reflection["fields"]["critique"]["status"] == "generic" and record.reflection["parsed"]
+    assert "named the contract" not in record.refine_system
+    situation = record.reflection["fields"]["situation"]
+    assert situation["value"] in record.refine_system and situation["evidence"]  # the seeker's words it names
+    assert record.checks["reflection_use"] and set(record.checks["reflection_use"]) <= set(situation["evidence"])
+    assert summary["reflection_quality"]["generic_rate"]["critique"] == 1.0
+    assert summary["checks"]["reflection_use_rate"] == round(len(said_something) / 6, 4)
     # the DPO prompt is the dialogue alone: no reflection, no draft
     assert "What you noticed" not in str(record.prompt) and record.prompt[0]["role"] == "system"
     assert record.prompt[-1]["role"] == "user"
     assert record.gold["human_response"]
-    assert store.export_preference(tmp_path / "iter1" / "preference.jsonl") == 6
+    assert store.export_preference(tmp_path / "iter1" / "preference.jsonl") == len(said_something)
 
 
 def test_kill_mid_generation_resumes_without_loss_or_duplicates(tmp_path: Path, tokenizer) -> None:
     store = PairStore(tmp_path / "pairs.jsonl")
-    # chunk 1 uses calls 1-3 (draft, reflection, refinement); die inside chunk 2
+    # calls 1-2 answer the probes (drafts, fields), chunk 1 uses calls 3-5 (draft, reflection, refinement); die
+    # inside chunk 2
     with pytest.raises(RuntimeError, match="killed"):
-        generate_pairs(_config(tmp_path), 1, ScriptedGenerator(fail_on_call=5), tokenizer, store, chunk_size=2)
+        generate_pairs(_config(tmp_path), 1, ScriptedGenerator(fail_on_call=7), tokenizer, store, chunk_size=2)
     assert len(store.done_ids()) == 2
     resumed = ScriptedGenerator()
     generate_pairs(_config(tmp_path), 1, resumed, tokenizer, store, chunk_size=2)

@@ -92,7 +92,8 @@ class SeedRecorder(Generator):
 
     def generate(self, requests, progress=True):
         for r in requests:
-            if not r.continuation and "What you noticed" not in r.messages[0]["content"]:
+            is_probe = str(r.id).startswith("probe:")  # M_t's drafts for the probes of generic answers
+            if not r.continuation and "What you noticed" not in r.messages[0]["content"] and not is_probe:
                 self.draft_seeds[r.id] = r.seed
         return [GenerationResult("I hear you. How are you feeling today?", 9, "stop", r.id) for r in requests]
 

@@ -16,11 +16,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from esc_evolve.errors import ConfigError
 
 log = logging.getLogger(__name__)
+
+
+def off_is_not_false(value: Any) -> Any:
+    """YAML reads a bare `off` (in a file or a --set) as False: for a setting whose choices include 'off',
+    take it as meant."""
+    return "off" if value is False else value
+
 
 DEFAULT_SYSTEM_PROMPT = (
     "You are a warm, attentive emotional supporter talking with someone who is going through a hard time. "
@@ -288,6 +295,26 @@ class ReflectionFilters(StrictModel):
     max_repetition: float = Field(
         0.5, ge=0.0, le=1.0, description="Max share of repeated word 3-grams in the chosen side."
     )
+    role_check: Literal["both", "chosen", "off"] = Field(
+        "both",
+        description="Drop a pair whose supporter speaks as the seeker ('I'm feeling a bit down', 'what should I "
+        "do?', the seeker's own words said back in the first person): on both sides (a pair that contrasts role "
+        "errors teaches the role, not personalisation), on the chosen side only, or not at all.",
+    )
+    drop_shortened: bool = Field(
+        False,
+        description="Drop a pair whose y' is y made shorter: fewer words than y and fewer than `min_new_terms` "
+        "content words that y does not have (DPO would learn 'shorter', not 'more personal').",
+    )
+    min_new_terms: int = Field(2, ge=1, description="Content words a shorter y' must add to y (drop_shortened).")
+    require_reflection_use: bool = Field(
+        False,
+        description="Keep a pair only when y' uses something from the reflection that y does not: a content word "
+        "of a parsed free-text field (situation, profile, need, critique) or the reflected emotion. Not applied "
+        "without a reflection (evolve.reflection: none).",
+    )
+
+    _role_check_off = field_validator("role_check", mode="before")(off_is_not_false)
 
 
 class EvolveSettings(StrictModel):
@@ -298,6 +325,54 @@ class EvolveSettings(StrictModel):
     principles_path: str | None = Field(None, description="Override of the packaged principles file.")
     new_contexts_each_iteration: bool = True
     reflection_max_new_tokens: int = Field(48, ge=1)
+    reflection_samples: int = Field(
+        1,
+        ge=1,
+        description="Self-consistency: k answers per reflection field, sampled at reflection_temperature when k > 1 "
+        "(k = 1: one greedy answer). Labelled fields take the label most answers name, free-text fields the answer "
+        "that agrees most with the others (docs/evolve.md).",
+    )
+    reflection_temperature: float = Field(0.7, gt=0.0, description="Sampling temperature of the k > 1 answers.")
+    reflection_min_agreement: float = Field(
+        0.5, ge=0.0, le=1.0, description="Share of the k answers that must name the winning label (k > 1)."
+    )
+    reflection_min_text_agreement: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="Minimum mean content-word overlap of the chosen free-text answer with the other k - 1 (0 = take "
+        "the most central answer whatever its agreement).",
+    )
+    reflection_exemplars: int = Field(
+        0,
+        ge=0,
+        description="Few-shot exemplars (evolve/exemplars.yaml, built-in training conversations) per field. Off by "
+        "default: the 135M default backbone copies them (docs/evolve.md, 'Measured').",
+    )
+    exemplars_for_labels: bool = Field(
+        False,
+        description="Also show exemplars for closed labelled fields (emotion, intensity). Off: a 135M model answers "
+        "the last exemplar's label for nearly every context (docs/evolve.md).",
+    )
+    situation_grounding: Literal["lexical", "embedding", "off"] = Field(
+        "off",
+        description="A `grounded` field (the situation) must name something the seeker said: 'lexical' = share at "
+        "least grounding_min_terms content words with the seeker's turns; 'embedding' = cosine of the packaged "
+        "MiniLM embedding with one seeker turn of at least grounding_min_similarity; 'off'. Ungrounded = generic.",
+    )
+    _grounding_off = field_validator("situation_grounding", mode="before")(off_is_not_false)
+    grounding_min_terms: int = Field(1, ge=1)
+    grounding_min_similarity: float = Field(0.5, ge=-1.0, le=1.0)
+    generic_probes: int = Field(
+        0,
+        ge=0,
+        description="Built-in training contexts (probes) M_t also reflects on in each iteration; a `distinct` field "
+        "(profile, critique) that nearly repeats its answer for one of them is generic and carries no weight. "
+        "0 = no such check.",
+    )
+    generic_similarity: float = Field(
+        0.7, gt=0.0, le=1.0, description="Word-level similarity (1 - edit ratio) from which an answer repeats a probe."
+    )
     refine_temperature: float = Field(
         0.7,
         ge=0.0,

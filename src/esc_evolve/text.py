@@ -13,6 +13,7 @@ Each caller keeps its own threshold: a metric, a filter and a parser tolerate di
 
 from __future__ import annotations
 
+import difflib
 import re
 import unicodedata
 from collections import Counter
@@ -107,3 +108,9 @@ def is_out_of_role(text: str) -> bool:
     """A reply that is not the supporter speaking to the person: it writes other turns (a role marker) or talks
     about the conversation ("the seeker", "this story", "as an AI")."""
     return has_role_marker(text) or _ABOUT_THE_CONVERSATION.search(text) is not None
+
+
+def edit_ratio(a: str, b: str) -> float:
+    """Word-level normalised edit distance in [0, 1] (difflib's matching-blocks ratio, on words): 0 for the same
+    words, 1 for nothing in common. The pair filter's `too_similar` and the reflection's near-verbatim checks."""
+    return 1.0 - difflib.SequenceMatcher(a=a.lower().split(), b=b.lower().split(), autojunk=False).ratio()

@@ -12,6 +12,7 @@ contexts (`select_contexts`) and where the pairs go.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 from collections import Counter
@@ -25,15 +26,20 @@ from esc_evolve.data import TurnSample
 from esc_evolve.data.prompts import build_messages, encode_prompt
 from esc_evolve.data.schema import Turn
 from esc_evolve.errors import ConfigError
-from esc_evolve.evolve.filters import decide_pair, edit_ratio
+from esc_evolve.evolve.exemplars import Exemplar, for_context, load_exemplars, probe_samples
+from esc_evolve.evolve.filters import decide_pair, edit_ratio, reflection_offer
+from esc_evolve.evolve.grounding import Grounder
 from esc_evolve.evolve.pairs import PairRecord, PairStore, sample_seed
 from esc_evolve.evolve.principles import Principles, ReflectionField, load_principles
+from esc_evolve.evolve.quality import check_statistics, reflection_quality
 from esc_evolve.evolve.refinement import plain_refinement_system, refinement_system
 from esc_evolve.evolve.reflection import (
     Reflection,
+    ReflectionRules,
     build_reflection,
     no_reflection,
     oracle_values,
+    parse_field,
     reflection_messages,
 )
 from esc_evolve.generation.types import GenerationRequest, GenerationResult, Generator
@@ -56,7 +62,9 @@ def select_contexts(
 
 @dataclass(frozen=True)
 class PairJob:
-    """What one iteration's pair generation needs besides the generator: the settings and the prompts' frame."""
+    """What one iteration's pair generation needs besides the generator: the settings and the prompts' frame,
+    the few-shot exemplars, the grounding check, and M_t's answers for the probe conversations (`with_probes`):
+    (conversation id, field -> parsed answer)."""
 
     settings: EvolveSettings
     iteration: int
@@ -64,6 +72,9 @@ class PairJob:
     system_prompt: str | None
     principles: Principles
     tokenizer: Any
+    exemplars: tuple[Exemplar, ...] = ()
+    grounder: Grounder | None = None
+    probes: tuple[tuple[str, dict[str, str]], ...] = ()
 
 
 def generate_pairs(
@@ -90,6 +101,7 @@ def generate_pairs(
     rejected side (evolve.rejected_from); M_t still reflects on and refines its own draft."""
     detector = risk_detector or default_detector()  # a chosen reply that ignores a seeker at risk is never kept
     job = pair_job(settings, generator, iteration, seed, system_prompt, principles, tokenizer)
+    job = with_probes(job, generator)
     store = PairStore(pairs_file)
     done = store.done_ids()
     todo = [s for s in contexts if s.sample_id not in done]
@@ -109,13 +121,55 @@ def pair_job(
     system_prompt: str | None,
     principles: Principles | None = None,
     tokenizer: Any = None,
+    embedder: Any = None,
 ) -> PairJob:
-    """The job's frame, with the defaults filled: the generator's tokenizer and the packaged principles."""
+    """The job's frame, with the defaults filled: the generator's tokenizer, the packaged principles and
+    exemplars, and the grounding check (`embedder`: evaluation's packaged MiniLM when not given and needed)."""
     tokenizer = tokenizer if tokenizer is not None else generator.tokenizer
     if tokenizer is None and getattr(generator, "max_context", None):
         raise ConfigError("reflection prompts are fitted to the model's context with its tokenizer: pass tokenizer=")
     principles = principles or load_principles(settings.principles_path)
-    return PairJob(settings, iteration, seed, system_prompt, principles, tokenizer)
+    reflecting = settings.reflection != "none"
+    exemplars = load_exemplars(settings.reflection_exemplars) if reflecting else ()
+    grounder = None
+    if reflecting and settings.situation_grounding != "off":
+        grounder = Grounder(
+            settings.situation_grounding, settings.grounding_min_terms, settings.grounding_min_similarity, embedder
+        )
+    return PairJob(settings, iteration, seed, system_prompt, principles, tokenizer, exemplars, grounder)
+
+
+def with_probes(job: PairJob, generator: Generator) -> PairJob:
+    """The job with M_t's answers to its `distinct` fields for `evolve.generic_probes` built-in contexts: drafts
+    and fields asked exactly as for any context (greedy), once per iteration. Seeded by the probe, so every shard
+    and every resumed run compares against the same answers."""
+    settings = job.settings
+    fields = [f for f in job.principles.reflection_fields if f.check == "distinct"]
+    if settings.reflection == "none" or not settings.generic_probes or not fields:
+        return job
+    probes = probe_samples(settings.generic_probes, [e.conversation_id for e in job.exemplars])
+    drafts = generator.generate(
+        [
+            GenerationRequest(
+                messages=build_messages(p.context, job.system_prompt),
+                id=f"probe:{p.sample_id}",
+                seed=sample_seed(job.seed + job.iteration, f"probe:{p.sample_id}"),
+            )
+            for p in probes
+        ]
+    )
+    requests = [
+        field_request(job, generator, field, probe, draft.text, f"probe:{probe.sample_id}:{field.name}", None)
+        for probe, draft in zip(probes, drafts, strict=True)
+        for field in fields
+    ]
+    answers = iter(generator.generate(requests))
+    found = []
+    for probe in probes:
+        parsed = {field.name: parse_field(field, next(answers).text) for field in fields}
+        found.append((probe.conversation_id, {n: p.value for n, p in parsed.items() if p.status == "ok" and p.value}))
+    log.info("iteration %d: %d probe contexts for generic answers", job.iteration, len(probes))
+    return dataclasses.replace(job, probes=tuple(found))
 
 
 @dataclass(frozen=True)
@@ -171,7 +225,7 @@ def answer_with_refinement(
 ) -> list[Refined]:
     """M_t answering through draft, reflection and refinement at answer time (the inference-refine baseline, no
     DPO): y' is the reply. The same prompts and settings as an iteration's pairs (`evolve`), seeded as iteration 0."""
-    job = pair_job(settings, generator, 0, seed, system_prompt)
+    job = with_probes(pair_job(settings, generator, 0, seed, system_prompt), generator)
     done: list[Refined] = []
     for start in range(0, len(samples), chunk_size):
         done += refine_chunk(job, generator, samples[start : start + chunk_size])
@@ -208,36 +262,96 @@ def seekers_at_risk(detector: RiskDetector, chunk: Sequence[TurnSample]) -> list
 
 
 def _reflect(generator: Generator, job: PairJob, chunk: Sequence[TurnSample], drafts: list[str]) -> list[Reflection]:
-    """All fields of all contexts in one batched call; each answer continues the field's fixed prefix. With
-    `evolve.reflection: oracle` the fields the gold profile answers are filled from it and not asked; with `none`
-    nothing is asked."""
+    """All fields of all contexts in one batched call; each answer continues the field's fixed prefix, k of them
+    per field with self-consistency (`evolve.reflection_samples`). With `evolve.reflection: oracle` the fields the
+    gold profile answers are filled from it and not asked; with `none` nothing is asked."""
     if job.settings.reflection == "none":
         return [no_reflection() for _ in chunk]
     oracle = job.settings.reflection == "oracle"
     given = [oracle_values(s.profile) if oracle else {} for s in chunk]
-    requests = []
+    k = job.settings.reflection_samples
     fields = job.principles.reflection_fields
-    max_context = getattr(generator, "max_context", None)
-    for sample, draft, gold in zip(chunk, drafts, given, strict=True):
-        for field in (f for f in fields if f.name not in gold):
-            max_new = min(field.max_new_tokens, job.settings.reflection_max_new_tokens)
-            budget = max_context - max_new if max_context else None
-            requests.append(
-                GenerationRequest(
-                    messages=reflection_prompt(job.tokenizer, field, sample.context, job.principles, draft, budget),
-                    continuation=field.prefix,
-                    max_new_tokens=max_new,
-                    temperature=0.0,
-                    stop=("\n",),
-                    id=f"{sample.sample_id}:{field.name}",
-                )
-            )
+    requests = [
+        field_request(job, generator, field, sample, draft, _answer_id(sample.sample_id, field.name, i, k), i)
+        for sample, draft, gold in zip(chunk, drafts, given, strict=True)
+        for field in fields
+        if field.name not in gold
+        for i in range(k)
+    ]
     results = iter(generator.generate(requests) if requests else [])
     reflections = []
-    for gold in given:
-        raw = {field.name: next(results).text for field in fields if field.name not in gold}
-        reflections.append(build_reflection(job.principles, raw, gold))
+    for sample, gold in zip(chunk, given, strict=True):
+        raw = {field.name: [next(results).text for _ in range(k)] for field in fields if field.name not in gold}
+        reflections.append(build_reflection(job.principles, raw, gold, reflection_rules(job, sample)))
     return reflections
+
+
+def field_request(
+    job: PairJob,
+    generator: Generator,
+    field: ReflectionField,
+    sample: TurnSample,
+    draft: str,
+    request_id: str,
+    sample_index: int | None,
+) -> GenerationRequest:
+    """One answer to one field: greedy when one answer is asked (or for a probe: `sample_index` None), else the
+    `sample_index`-th of k sampled answers, seeded by its id so that it is the same in any chunk or shard."""
+    settings = job.settings
+    max_new = min(field.max_new_tokens, settings.reflection_max_new_tokens)
+    max_context = getattr(generator, "max_context", None)
+    budget = max_context - max_new if max_context else None
+    exemplars = shown_exemplars(job, field, sample.conversation_id)
+    sampled = sample_index is not None and settings.reflection_samples > 1
+    return GenerationRequest(
+        messages=reflection_prompt(job.tokenizer, field, sample.context, job.principles, draft, budget, exemplars),
+        continuation=field.prefix,
+        max_new_tokens=max_new,
+        temperature=settings.reflection_temperature if sampled else 0.0,
+        seed=sample_seed(job.seed + job.iteration, request_id) if sampled else None,
+        stop=("\n",),
+        id=request_id,
+    )
+
+
+def shown_exemplars(job: PairJob, field: ReflectionField, conversation_id: str) -> tuple[Exemplar, ...]:
+    """The exemplars a field of this context is shown: none of its own conversation, and for a labelled field only
+    with `evolve.exemplars_for_labels` (a small model answers the last exemplar's label)."""
+    if field.options and not field.open and not job.settings.exemplars_for_labels:
+        return ()
+    return for_context(job.exemplars, conversation_id)
+
+
+def _answer_id(sample_id: str, field: str, index: int, k: int) -> str:
+    """`SAMPLE:FIELD` for a single answer (as before self-consistency), `SAMPLE~I:FIELD` for the i-th of k."""
+    return f"{sample_id}:{field}" if k == 1 else f"{sample_id}~{index}:{field}"
+
+
+def reflection_rules(job: PairJob, sample: TurnSample) -> ReflectionRules:
+    """The checks of one context's answers: its seeker's turns, and the probes of other conversations."""
+    probes: dict[str, list[str]] = {}
+    for conversation, answers in job.probes:
+        if conversation != sample.conversation_id:
+            for name, value in answers.items():
+                probes.setdefault(name, []).append(value)
+    settings = job.settings
+    shown = {
+        f.name: [e.answers[f.name] for e in shown_exemplars(job, f, sample.conversation_id) if f.name in e.answers]
+        for f in job.principles.reflection_fields
+    }
+    return ReflectionRules(
+        seeker_texts=seeker_texts(sample.context),
+        grounder=job.grounder,
+        probes=probes,
+        shown=shown,
+        generic_similarity=settings.generic_similarity,
+        min_agreement=settings.reflection_min_agreement,
+        min_text_agreement=settings.reflection_min_text_agreement,
+    )
+
+
+def seeker_texts(context: Sequence[Turn]) -> tuple[str, ...]:
+    return tuple(t.text for t in context if t.speaker == "seeker")
 
 
 def reflection_prompt(
@@ -247,19 +361,23 @@ def reflection_prompt(
     principles: Principles,
     draft: str,
     budget: int | None,
+    exemplars: Sequence[Exemplar] = (),
 ) -> list[dict[str, str]]:
     """One field's messages, answered after `field.prefix` (the request's continuation). The dialogue is quoted
     inside one user message, so the engine cannot trim it turn by turn: the oldest quoted turns are dropped until
-    prompt and prefix fit `budget` tokens. The last turn is always kept; a prompt that still does not fit is left
-    to the engine's clear error."""
-    turns = list(context)
+    prompt and prefix fit `budget` tokens, then the exemplars, last first. The last turn is always kept; a prompt
+    that still does not fit is left to the engine's clear error."""
+    turns, shown = list(context), list(exemplars)
     while True:
-        messages = reflection_messages(field, turns, principles, draft)
-        if budget is None or len(turns) <= 1:
+        messages = reflection_messages(field, turns, principles, draft, shown)
+        if budget is None or (len(turns) <= 1 and not shown):
             return messages
         if len(encode_prompt(tokenizer, messages, continuation=field.prefix)) <= budget:
             return messages
-        turns = turns[1:]
+        if len(turns) > 1:
+            turns = turns[1:]
+        else:
+            shown = shown[:-1]
 
 
 def _record(
@@ -272,6 +390,7 @@ def _record(
     """The pair (y', y) of one context; `anchor`, when given, is the rejected side instead of M_t's draft."""
     sample, draft, refined = item.sample, item.draft, item.refined
     rejected = anchor or draft
+    reflected = job.settings.reflection != "none"
     decision = decide_pair(
         refined.text,
         rejected.text,
@@ -280,6 +399,8 @@ def _record(
         rejected_finish=rejected.finish_reason,
         filters=job.settings.filters,
         seeker_at_risk=seeker_at_risk,
+        seeker_texts=seeker_texts(sample.context),
+        offer=reflection_offer(item.reflection, job.principles) if reflected else None,
     )
     return PairRecord(
         sample_id=sample.sample_id,
@@ -304,6 +425,7 @@ def _record(
         },
         rejected_model=anchor_model if anchor is not None else None,
         draft=draft.text.strip() if anchor is not None else None,
+        checks=decision.checks,
     )
 
 
@@ -322,6 +444,8 @@ def summarise(store: PairStore, iteration: int) -> dict[str, Any]:
         "dropped_by_reason": dict(reasons.most_common()),
         "rejected_degenerate": dict(Counter(r.rejected_degenerate for r in records if r.rejected_degenerate)),
         "chosen_degenerate_rate": _rate(sum(any(x.startswith("chosen_") for x in r.reasons) for r in records), total),
+        "reflection_quality": reflection_quality(records),
+        "checks": check_statistics(records),
     }
 
 
@@ -338,6 +462,8 @@ def pair_statistics(records: Iterable[PairRecord]) -> dict[str, Any]:
         "dropped_by_reason": dict(Counter(reason for r in records for reason in r.reasons).most_common()),
         "kept_pairs": _side_statistics(kept),
         "all_contexts": _side_statistics(records),
+        "reflection_quality": reflection_quality(records),
+        "checks": check_statistics(records),
     }
 
 

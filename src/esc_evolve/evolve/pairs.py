@@ -57,9 +57,11 @@ class PairRecord(BaseModel):
     # the one it reflected on. Left out of the file when None, so that default runs write what they always did.
     rejected_model: str | None = None
     draft: str | None = None
+    # What the role and reflection-use filters found (filters.PairDecision.checks); absent in older files.
+    checks: dict[str, Any] | None = None
 
 
-OPTIONAL_FIELDS = ("rejected_model", "draft")
+OPTIONAL_FIELDS = ("rejected_model", "draft", "checks")
 
 
 class PairStore:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -35,6 +36,13 @@ class ReflectionField(BaseModel):
     max_new_tokens: int = Field(24, ge=1)
     needs_draft: bool = Field(False, description="Shown the draft reply y (the critique is).")
     required: bool = Field(True, description="The reflection counts as parsed only if this field parsed.")
+    check: Literal["grounded", "distinct"] | None = Field(
+        None,
+        description="What makes a parsed answer count beyond its form (evolve settings switch each on or off): "
+        "'grounded' = it names something the seeker said, else it is generic and counts as unparsed (the "
+        "situation); 'distinct' = it does not nearly repeat what M_t answers for unrelated built-in conversations "
+        "(probes), else it is generic and carries no weight: not shown, not required (the critique).",
+    )
 
     @field_validator("options", mode="before")
     @classmethod

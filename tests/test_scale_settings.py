@@ -4,6 +4,7 @@ DeepSpeed ZeRO-2 cannot run before training."""
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -67,3 +68,13 @@ def test_the_untrained_eval_is_skipped_where_zero_cannot_run_it(stage: int | Non
     assert (problem is None) == can_eval
     if problem:
         assert f"ZeRO-{stage}" in problem
+
+
+@pytest.mark.parametrize("devices", [1, 2, 4, 8])
+def test_the_paper_configs_keep_their_global_batch_on_1_to_8_gpus(devices: int) -> None:
+    from esc_evolve.config import load_config
+
+    config = load_config(Path(__file__).parents[1] / "configs" / "paper-llama3-8b.yaml")
+    for settings, expected in ((config.sft, 64), (config.dpo, 32)):
+        steps = gradient_accumulation(settings, devices)
+        assert settings.per_device_batch_size * devices * steps == expected

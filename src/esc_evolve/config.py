@@ -593,6 +593,23 @@ class SimulateSettings(StrictModel):
     rating_max_new_tokens: int = Field(64, ge=1, description="Token budget of the end rating and its reason.")
     temperature: float = Field(0.7, ge=0.0, description="Seeker sampling (seeded per card and turn); 0 = greedy.")
     top_p: float = Field(0.95, gt=0.0, le=1.0)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="local: the SIMULATOR's precision only (the models under test keep model.dtype). 'auto' = "
+        "bfloat16 on a CPU with native bf16 (AVX512-BF16/AMX), else model.dtype's choice (docs/simulation.md).",
+    )
+    batch_size: int | None = Field(
+        64,
+        ge=1,
+        description="Rows per batch of the local engines in a simulation, the models under test and the local "
+        "simulator (a turn's requests are one call, cut into equal batches of at most this many, and of at most "
+        "65,536 prompt + new token cells); null = generation.batch_size.",
+    )
+    reuse_prompt_cache: bool = Field(
+        True,
+        description="Local engines keep each dialogue's prompt keys and values from one turn to the next and "
+        "compute only the new tokens (the next turn's prompt extends the last one); docs/simulation.md.",
+    )
     in_run: bool = Field(False, description="Add the stage `eval.simulate` to `esc-evolve run` (after eval).")
     models: list[str] | None = Field(
         None, description="The run's models the stage simulates (m0, m1, ...); null = m0 and the newest."

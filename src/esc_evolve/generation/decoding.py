@@ -3,6 +3,7 @@
 `generate` decodes a whole batch with one set of settings. These hooks let each row keep its own:
 - `RowStopper` ends a row when its reply contains one of its stop strings, reaches its own token budget or is
   cancelled by its caller; `generate` then pads that row while the others go on.
+- `TopPFilter`: transformers' top-p filter without sorting the whole vocabulary at every step.
 - `SeededSampler` turns greedy decoding into sampling with a private random stream per row (Gumbel-max:
   argmax(log p + Gumbel noise) is a draw from p). A row's noise depends only on its request's seed, so a sampled
   reply does not depend on which other requests share its batch, unlike `torch.multinomial` on the global RNG.
@@ -65,6 +66,37 @@ class RowStopper(StoppingCriteria):
             for row in self.cancelled_at:
                 done[row] = True
         return done
+
+
+class TopPFilter(LogitsProcessor):
+    """Nucleus filtering as transformers' `TopPLogitsWarper` (keep the most probable tokens until their mass
+    reaches `top_p`, at least one; the rest get -inf), found among the `candidates` most probable tokens instead
+    of by sorting the whole vocabulary: on a CPU that sort cost ~4 ms a row a decoding step for a 49k vocabulary
+    (144 ms a step at 34 rows), more than SmolLM2-135M's own forward for those rows in bf16. A row whose
+    candidates hold less than `top_p` of the mass falls back to the full sort. The kept set is the warper's but
+    where the warper's float32 sum rounds across `top_p` (1 row in ~1000 on random logits; the sums here are
+    float64, so the kept set is the exact nucleus), and for tokens tied with the least probable kept one (all
+    kept here; the warper's sort decides)."""
+
+    def __init__(self, top_p: float, candidates: int = 1024):
+        from transformers import TopPLogitsWarper
+
+        self.top_p = top_p
+        self.candidates = candidates
+        self.full = TopPLogitsWarper(top_p)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        top = scores.topk(min(self.candidates, scores.shape[-1]), dim=-1).values  # descending
+        # In float64, so that the boundary is the exact one (the warper's float32 sums err by ~1e-7 near top_p).
+        probs = (top.double() - scores.double().logsumexp(dim=-1, keepdim=True)).exp()
+        before = probs.cumsum(dim=-1) - probs  # the mass of the tokens more probable than each candidate
+        kept = (before < self.top_p).sum(dim=-1, keepdim=True).clamp_(min=1)
+        cutoff = top.gather(-1, kept - 1)  # the least probable kept logit
+        filtered = scores.masked_fill(scores < cutoff, float("-inf"))
+        short = (before[:, -1] + probs[:, -1]) < self.top_p  # the candidates hold too little: the whole sort
+        if short.any():
+            filtered[short] = self.full(input_ids[short], scores[short])
+        return filtered
 
 
 class SeededSampler(LogitsProcessor):

@@ -6,7 +6,9 @@ What makes it fast (measured on a 2-core CPU with SmolLM2-135M, see benchmarks/R
 - the prompt prefix that a batch shares (the system message) computed once and copied into every row;
 - a static KV cache: the default dynamic cache concatenates every layer's keys and values at every step,
   ~16% of a decode step at batch 32;
-- torch.inference_mode, and a merged LoRA adapter (no per-layer adapter matmuls) when one is loaded.
+- torch.inference_mode, and a merged LoRA adapter (no per-layer adapter matmuls) when one is loaded;
+- for dialogues (`tune(reuse_prompts=True)`, used by `simulate`): each row's prompt and reply keys and values
+  kept until the next call, whose prompts extend them (prefill.PromptStore).
 
 Greedy replies are the same as those of the same prompt generated alone: padding is masked and position ids
 come from the mask, so each row sees its own tokens at its own positions. Logits are not bit-identical: the
@@ -26,8 +28,8 @@ import torch
 from esc_evolve.config import GenerationSettings
 from esc_evolve.data.prompts import encode_prompt
 from esc_evolve.generation.batching import Prepared, common_prefix, layout, plan_batches
-from esc_evolve.generation.decoding import RowStopper, RowStreamer, SeededSampler
-from esc_evolve.generation.prefill import prefix_cache, row_prefilled_cache
+from esc_evolve.generation.decoding import RowStopper, RowStreamer, SeededSampler, TopPFilter
+from esc_evolve.generation.prefill import PromptStore, prefix_cache, row_prefilled_cache
 from esc_evolve.generation.progress import GenerationProgress
 from esc_evolve.generation.types import GenerationError, GenerationRequest, GenerationResult, Generator, cut_at_stop
 
@@ -72,13 +74,26 @@ class TransformersGenerator(Generator):
         self.eos_ids = _eos_ids(model, tokenizer)
         self.cache_kwarg = cache_kwarg(model)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
+        self.prompt_store: PromptStore | None = None
 
     # ----------------------------------------------------------------------------------------------------
     # Public API
 
+    def tune(self, *, batch_size: int | None = None, reuse_prompts: bool | None = None) -> None:
+        if batch_size is not None:
+            self.config = self.config.model_copy(update={"batch_size": batch_size})
+        if reuse_prompts is not None:
+            # Only the row-by-row prefill (CPU) can start a row from a kept prompt; a fresh store either way, so
+            # that what one caller's dialogues left behind never reaches another's.
+            self.prompt_store = (
+                PromptStore(max(self.share_prefix_min, 1)) if reuse_prompts and self.row_prefill else None
+            )
+
     def generate(self, requests: Sequence[GenerationRequest], progress: bool = True) -> list[GenerationResult]:
         prepared = [self._prepare(i, r) for i, r in enumerate(requests)]
         results: list[GenerationResult | None] = [None] * len(prepared)
+        if self.prompt_store is not None:
+            self.prompt_store.next_call()
         with GenerationProgress(len(prepared), progress) as bar, torch.inference_mode():
             for batch in plan_batches(prepared, self.config.batch_size, self.max_batch_tokens):
                 done = self._run_batch(batch)
@@ -97,6 +112,8 @@ class TransformersGenerator(Generator):
         decoding.RowStreamer); a request for which `cancelled(i)` turns true stops generating."""
         prepared = [self._prepare(i, r) for i, r in enumerate(requests)]
         results: list[GenerationResult | None] = [None] * len(prepared)
+        if self.prompt_store is not None:
+            self.prompt_store.next_call()
         with torch.inference_mode():
             for batch in plan_batches(prepared, self.config.batch_size, self.max_batch_tokens):
                 streamer = RowStreamer(
@@ -216,7 +233,20 @@ class TransformersGenerator(Generator):
         if cache is not None:
             kwargs[self.cache_kwarg] = cache
         sequences = self.model.generate(**kwargs)
-        return [self._result(item, sequences[row, width:].tolist(), stopper, row) for row, item in enumerate(batch)]
+        results = [self._result(item, sequences[row, width:].tolist(), stopper, row) for row, item in enumerate(batch)]
+        if self.prompt_store is not None and cache is not None:
+            self._keep(batch, results, cache, prefix, width, sequences.shape[1] - width)
+        return results
+
+    def _keep(
+        self, batch: list[Prepared], results: list[GenerationResult], cache: Any, prefix: int, width: int, steps: int
+    ) -> None:
+        """Each row's prompt and reply into the prompt store, for the next call's prompts that extend them. The
+        cache holds keys and values for all but the batch's last generated token (`steps` - 1 per row)."""
+        assert self.prompt_store is not None
+        for row, (item, result) in enumerate(zip(batch, results, strict=True)):
+            reply = result.token_ids[: max(0, min(result.num_tokens, steps - 1))]
+            self.prompt_store.keep_row(self.model, cache, row, item.ids, reply, prefix, width)
 
     def _generation_config(self, max_new: int) -> Any:
         from transformers import GenerationConfig as HFGenerationConfig
@@ -236,7 +266,7 @@ class TransformersGenerator(Generator):
         )
 
     def _processors(self, batch: list[Prepared]) -> Any:
-        from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+        from transformers import LogitsProcessorList, TemperatureLogitsWarper
 
         processors = LogitsProcessorList()
         temperature, top_p = batch[0].sampling_key
@@ -244,7 +274,7 @@ class TransformersGenerator(Generator):
             return processors
         processors.append(TemperatureLogitsWarper(temperature))
         if top_p < 1.0:
-            processors.append(TopPLogitsWarper(top_p))
+            processors.append(TopPFilter(top_p))
         processors.append(SeededSampler([item.seed for item in batch]))
         return processors
 
@@ -260,6 +290,7 @@ class TransformersGenerator(Generator):
                 max_len,
                 self.static_cache,
                 reuse_min=self.share_prefix_min,
+                store=self.prompt_store,
             )
         if prefix:
             return prefix_cache(self.model, self.cache_kwarg, rows[0][:prefix], len(rows), max_len, self.static_cache)

@@ -11,6 +11,8 @@ its prompt right-aligned; padding columns are zeros and masked. Both functions l
   is pure waste: on 32 ESConv prompts (200-600 tokens), 25% of the cells of length-sorted batches of 16.
   (Keys and values match those of the prompt run alone to ~1e-5, not bitwise: sgemm rounds a product of n-1
   rows slightly differently from one of n rows.)
+- `PromptStore`: with `row_prefilled_cache`, each row's prompt and reply kept from one generate call to the next,
+  for callers whose next prompts extend this call's (dialogues that advance a turn per call: `simulate`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 
@@ -42,6 +45,7 @@ def row_prefilled_cache(
     max_len: int,
     static: bool,
     reuse_min: int = 0,
+    store: PromptStore | None = None,
 ) -> Any | None:
     """A cache holding every row's prompt but its last token (None when no row has more than one token).
 
@@ -50,20 +54,26 @@ def row_prefilled_cache(
     fields of one context quote the same dialogue and differ only in their question. Rows are visited in the
     order of their tokens, so the row sharing the longest prefix with a row is always the one visited just
     before it (a property of sorted sequences), and only that row's cache is kept (the idea of vLLM's prefix
-    caching and SGLang's radix tree, within one batch).
+    caching and SGLang's radix tree, within one batch). With a `store`, a row may also start from a sequence of the
+    previous call that it extends (the engine keeps each decoded row there: `PromptStore.keep_row`).
     """
     if width <= 1:
         return None
-    shared = _forward(model, cache_name, rows[0][:prefix], None) if prefix else None
+    shared = None  # the batch's common prefix, computed when a row first starts from it (not all may, with a store)
     cache = None
     previous: tuple[Sequence[int], Any] | None = None
     for row_index in sorted(range(len(rows)), key=lambda i: list(rows[i])):
         row = rows[row_index]
-        start, start_len = shared, prefix
+        start, start_len = None, prefix
         if reuse_min and previous is not None:
             common = _common(previous[0], row, len(row) - 1)
             if common - prefix >= reuse_min:
                 start, start_len = previous[1], common
+        if store is not None:
+            start, start_len = store.take(row, start, start_len)
+        if start is None and prefix:
+            shared = shared if shared is not None else _forward(model, cache_name, rows[0][:prefix], None)
+            start = shared
         rest = row[start_len:-1]
         own = _forward(model, cache_name, rest, start, start_len) if rest else start
         if own is None:
@@ -76,6 +86,62 @@ def row_prefilled_cache(
                 dst[row_index, :, :prefix] = src[0, :, :prefix]
                 dst[row_index, :, width - len(row) + prefix : width - 1] = src[0, :, prefix : len(row) - 1]
     return cache
+
+
+class PromptStore:
+    """Each dialogue's keys and values kept from one generate call to the next: its prompt and the reply generated
+    to it, taken from the batch's cache once decoded (`keep_row`). A row of the next call that extends a kept
+    sequence by at least `min_tokens` tokens starts from it and computes only the rest (in a dialogue, the next
+    turn's prompt is this one, the reply and the other side's message; the common prefix is found token by token,
+    so a reply the caller cut or re-encoded differently is reused as far as it matches). Keys and values
+    computed in pieces match those computed at once to rounding, as with the within-batch reuse above.
+    Memory: one call's dialogues (~46 KB a token in fp32 for the 135M backbone); a kept sequence serves one row
+    and is dropped as it does, the rest at the next call.
+    """
+
+    def __init__(self, min_tokens: int = 16) -> None:
+        self.min_tokens = min_tokens
+        self.previous: list[tuple[np.ndarray, Any]] = []  # the last call's sequences (ids, one-row cache)
+        self.current: list[tuple[np.ndarray, Any]] = []
+
+    def next_call(self) -> None:
+        """A new generate call: what the last one kept becomes what this one may start from."""
+        self.previous, self.current = self.current, []
+
+    def take(self, row: Sequence[int], start: Any, start_len: int) -> tuple[Any, int]:
+        """The longest start for `row`: (`start`, `start_len`) or a kept sequence that shares more of it."""
+        ids = np.asarray(row[:-1])
+        best, best_len = None, start_len + self.min_tokens - 1
+        for index, (kept, _) in enumerate(self.previous):
+            common = _common_np(kept, ids)
+            if common > best_len:
+                best, best_len = index, common
+        if best is None:
+            return start, start_len
+        return self.previous.pop(best)[1], best_len
+
+    def keep_row(
+        self, model: Any, cache: Any, row: int, prompt: Sequence[int], reply: Sequence[int], prefix: int, width: int
+    ) -> None:
+        """Keep row `row` of a decoded batch cache (laid out as in the module docstring): its `prompt` and the
+        first len(`reply`) generated tokens, whose keys and values the decoding steps wrote from column `width`
+        on (the last generated token has none: pass at most steps - 1)."""
+        from transformers import DynamicCache
+
+        own = torch.arange(width - len(prompt) + prefix, width + len(reply))
+        columns = torch.cat([torch.arange(prefix), own]).to(model.device)
+        kept = DynamicCache(config=model.config)
+        for index, layer in enumerate(cache.layers):
+            keys = layer.keys[row : row + 1].index_select(2, columns)
+            kept.update(keys, layer.values[row : row + 1].index_select(2, columns), index)
+        self.current.append((np.asarray([*prompt, *reply]), kept))
+
+
+def _common_np(a: np.ndarray, b: np.ndarray) -> int:
+    """Length of the common prefix of two id arrays."""
+    n = min(len(a), len(b))
+    differ = np.flatnonzero(a[:n] != b[:n])
+    return int(differ[0]) if len(differ) else n
 
 
 def _common(a: Sequence[int], b: Sequence[int], limit: int) -> int:

@@ -97,6 +97,12 @@ class Generator(ABC):
         """Yield the reply in pieces as it is produced (backends that cannot stream yield it whole)."""
         yield self.generate([request], progress=False)[0].text
 
+    def tune(self, *, batch_size: int | None = None, reuse_prompts: bool | None = None) -> None:  # noqa: B027
+        """Adjust a built generator to its caller's work; a backend ignores what it has no use for (the default).
+        `batch_size`: rows per batch of a local engine. `reuse_prompts`: the next calls' prompts extend this
+        call's (dialogues that advance a turn per call), so the backend may keep each prompt's computed state
+        until the next call; False releases it."""
+
     def close(self) -> None:  # noqa: B027 - optional hook, most backends hold nothing to release
         """Release what the backend holds (a server connection, GPU memory)."""
 

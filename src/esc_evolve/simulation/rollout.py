@@ -14,9 +14,11 @@ atomically after each model; a finished dialogue (same model, card, turns and si
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -25,6 +27,7 @@ from pydantic import BaseModel, ConfigDict
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from esc_evolve.config import SimulateSettings
 from esc_evolve.data.prompts import ROLE_OF
 from esc_evolve.errors import DataFormatError
 from esc_evolve.generation import GenerationRequest, Generator
@@ -124,6 +127,31 @@ def select_cards(cards: Sequence[RoleCard], max_cards: int | None, seed: int) ->
 
 # ---------------------------------------------------------------------------------------------------------
 # The lock-step loop
+
+
+@contextlib.contextmanager
+def tuned_for_dialogues(settings: SimulateSettings, dialogues: int, *generators: Generator) -> Iterator[None]:
+    """The engines of one model's rollout of `dialogues` dialogues set up for it: batches of about
+    `simulate.batch_size` rows, and each dialogue's prompt state kept from one turn to the next
+    (`simulate.reuse_prompt_cache`; every call's prompts extend the previous call's). A fresh store per model, so
+    that no model's dialogues start from another's; released at the end. Backends without these knobs (a
+    server) ignore them."""
+    rows = balanced_batch(dialogues, settings.batch_size) if settings.batch_size else None
+    for generator in generators:
+        generator.tune(batch_size=rows, reuse_prompts=settings.reuse_prompt_cache)
+    try:
+        yield
+    finally:
+        for generator in generators:
+            generator.tune(reuse_prompts=False)
+
+
+def balanced_batch(dialogues: int, batch_size: int) -> int:
+    """Rows per batch that cut `dialogues` into as few batches as `batch_size` allows, of equal size: 67 in
+    batches of 64 would leave a batch of 3 rows that costs nearly a full batch per decoding step (every step
+    reads all the weights), so 34 + 33."""
+    batches = max(1, math.ceil(dialogues / batch_size))
+    return max(1, math.ceil(dialogues / batches))
 
 
 def roll_out(

@@ -20,6 +20,7 @@ from esc_evolve.simulation.rollout import (
     finished_dialogues,
     roll_out,
     rollout_progress,
+    tuned_for_dialogues,
 )
 from esc_evolve.simulation.scores import ScoringTools, load_scoring_tools, score_dialogues
 from esc_evolve.simulation.simulator import SeekerSimulator, build_simulator
@@ -93,7 +94,10 @@ def _roll_out_all(
             if bar is not None:
                 task = bar.add_task(f"simulating {supporter.name}", total=turns + 1)
                 step = functools.partial(bar.advance, task)
-            with supporter.build() as generator:
+            with (
+                supporter.build() as generator,
+                tuned_for_dialogues(config.simulate, len(todo), generator, simulator.generator),
+            ):
                 new = roll_out(
                     todo,
                     supporter,

@@ -3,6 +3,7 @@ reactions, end-rating parsing, resume. Scripted generators and a keyword classif
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 
@@ -255,6 +256,20 @@ def test_rating_errors_are_recorded_per_dialogue(cards):
 
 # ---------------------------------------------------------------------------------------------------------
 # Resume and the whole simulation
+
+
+def test_each_step_of_a_rollout_is_logged(tmp_path, cards, caplog):
+    """Without a terminal (no bar), simulate.log still shows how far each model's rollout has come."""
+    config = ExperimentConfig()
+    config.simulate.turns = 2
+    config.eval.bootstrap_samples = 20
+    run = [Supporter(n, n, lambda: RecordingGenerator(supporter_answer), None) for n in ("m0", "m2")]
+    with caplog.at_level(logging.INFO, logger="esc_evolve.simulation.runner"):
+        simulate_models(cards, run, config, tmp_path, tools=fake_tools(), simulator=simulator(), progress=False)
+    steps = [m for m in caplog.messages if " step " in m]
+    assert [s.split(" done")[0] for s in steps] == [
+        f"simulate: {m} step {i}/3" for m in ("m0", "m2") for i in (1, 2, 3)
+    ]  # two supporter turns and the ratings, per model
 
 
 def test_resume_skips_finished_dialogues(tmp_path, cards):

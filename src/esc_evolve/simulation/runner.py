@@ -6,7 +6,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -90,10 +91,10 @@ def _roll_out_all(
                 log.info("simulate: %s has finished all %d dialogues, skipped", supporter.name, len(cards))
                 continue
             log.info("simulate: %s with %d cards (%d already finished)", supporter.name, len(todo), len(done))
-            step = None
+            advance = None
             if bar is not None:
-                task = bar.add_task(f"simulating {supporter.name}", total=turns + 1)
-                step = functools.partial(bar.advance, task)
+                advance = functools.partial(bar.advance, bar.add_task(f"simulating {supporter.name}", total=turns + 1))
+            step = _step_reporter(supporter.name, turns + 1, advance)
             with (
                 supporter.build() as generator,
                 tuned_for_dialogues(config.simulate, len(todo), generator, simulator.generator),
@@ -111,3 +112,18 @@ def _roll_out_all(
             store.replace(new)
             result += new
     return result
+
+
+def _step_reporter(model: str, total: int, advance: Callable[[], Any] | None) -> Callable[[], None]:
+    """Advance the bar (a terminal) and log each step (simulate.log): a step is one supporter turn with the
+    seeker's answer, or the end ratings; a model's rollout can take many minutes with nothing else written."""
+    started, done = time.monotonic(), 0
+
+    def step() -> None:
+        nonlocal done
+        done += 1
+        if advance is not None:
+            advance()
+        log.info("simulate: %s step %d/%d done (%.0f s)", model, done, total, time.monotonic() - started)
+
+    return step

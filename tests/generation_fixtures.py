@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from esc_evolve.config import GenerationSettings, ModelSettings
-from esc_evolve.generation import GenerationRequest
+from esc_evolve.generation import GenerationRequest, prefill
 
 SYSTEM = "You are a kind listener. Answer in one or two short sentences."
 USER_LINES = [
@@ -168,3 +168,16 @@ def loopback_server(chat_answer: Callable[[dict[str, Any]], str] | None = None) 
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)
+
+
+def computed_tokens(monkeypatch: Any) -> list[int]:
+    """Record how many prompt tokens each one-row prefill forward computes."""
+    counts: list[int] = []
+    forward = prefill._forward
+
+    def counting(model, cache_name, ids, start, upto=None):
+        counts.append(len(ids))
+        return forward(model, cache_name, ids, start, upto)
+
+    monkeypatch.setattr(prefill, "_forward", counting)
+    return counts

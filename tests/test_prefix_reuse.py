@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from esc_evolve.generation import GenerationRequest, load_for_generation, prefill
-from tests.generation_fixtures import make_engine, tiny_model_config
+from esc_evolve.generation import GenerationRequest, load_for_generation
+from tests.generation_fixtures import computed_tokens, make_engine, tiny_model_config
 
 DIALOGUE = " ".join(
     f"Seeker: this is line {i} of a long account of a hard month at work and at home." for i in range(12)
@@ -30,19 +30,6 @@ def field_requests(context: str) -> list[GenerationRequest]:
 @pytest.fixture(scope="module")
 def tiny(varied_model_dir: Path):
     return load_for_generation(tiny_model_config(varied_model_dir))
-
-
-def computed_tokens(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Record how many prompt tokens each one-row prefill forward computes."""
-    counts: list[int] = []
-    forward = prefill._forward
-
-    def counting(model, cache_name, ids, start, upto=None):
-        counts.append(len(ids))
-        return forward(model, cache_name, ids, start, upto)
-
-    monkeypatch.setattr(prefill, "_forward", counting)
-    return counts
 
 
 def test_shared_dialogue_is_computed_once_with_the_same_replies(tiny, monkeypatch: pytest.MonkeyPatch) -> None:

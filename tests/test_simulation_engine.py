@@ -14,12 +14,12 @@ import pytest
 import torch
 
 from esc_evolve.config import ExperimentConfig, GenerationSettings, ModelSettings, SimulateSettings
-from esc_evolve.generation import GenerationRequest, build_generator, load_for_generation, prefill
+from esc_evolve.generation import GenerationRequest, build_generator, load_for_generation
 from esc_evolve.simulation import load_role_cards
 from esc_evolve.simulation.rollout import Supporter, TranscriptStore, balanced_batch
 from esc_evolve.simulation.runner import TRANSCRIPTS_FILE, simulate_models
 from esc_evolve.simulation.simulator import SeekerSimulator, build_simulator, simulator_dtype
-from tests.generation_fixtures import make_engine, tiny_model_config
+from tests.generation_fixtures import computed_tokens, make_engine, tiny_model_config
 from tests.test_simulation_rollout import RecordingGenerator, fake_tools, seeker_answer, supporter_answer
 
 STORY = "My week was long: I lost my keys, missed the bus, argued with my brother and slept badly every night."
@@ -113,22 +113,10 @@ def _dialogue_turns(engine, turns: int, names: Sequence[str], counts: list[int] 
     return history
 
 
-def _counting(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    counts: list[int] = []
-    forward = prefill._forward
-
-    def counting(model, cache_name, ids, start, upto=None):
-        counts.append(len(ids))
-        return forward(model, cache_name, ids, start, upto)
-
-    monkeypatch.setattr(prefill, "_forward", counting)
-    return counts
-
-
 def test_kept_prompts_give_the_same_replies_and_compute_only_the_new_tokens(tiny, monkeypatch):
     model, tokenizer = tiny
     names = ["Ada", "Bo", "Cyrus Longname"]
-    counts = _counting(monkeypatch)
+    counts = computed_tokens(monkeypatch)
     fresh = _dialogue_turns(make_engine(model, tokenizer, batch_size=2), 3, names, counts)
     engine = make_engine(model, tokenizer, batch_size=2)
     engine.tune(reuse_prompts=True)

@@ -78,6 +78,7 @@ def test_every_ablation_config_validates_and_shares_the_main_runs_m0() -> None:
         "anchored-rejected": ("evolve.rejected_from", "m0"),
         "reference-m0": ("dpo.reference", "m0"),
         "iterations-3": ("evolve.iterations", 3),
+        "refine-best-of-4": ("evolve.refinement_samples", 4),
     }
     assert set(NAMES) == set(expected)
     for name in NAMES:

@@ -233,3 +233,64 @@ def test_the_generators_own_tokenizer_fits_the_reflection_prompts(tmp_path: Path
     no_tokenizer.max_context = 2048
     with pytest.raises(ConfigError, match="tokenizer"):
         run(no_tokenizer, "other.jsonl", 3)
+
+
+class SampledRefinements(ScriptedGenerator):
+    """Three different y' per context, told apart by request id: the first ignores the reflection, the second
+    names the reflected situation, the third loops. Records every refinement request."""
+
+    PLAIN = "That sounds really hard. What would help most right now?"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.refinement_requests: list[GenerationRequest] = []
+        self.refinement_calls = 0
+
+    def generate(self, requests, progress=True):
+        refinements = [r for r in requests if "What you noticed about this person" in r.messages[0]["content"]]
+        self.refinement_calls += bool(refinements)
+        self.refinement_requests += refinements
+        return super().generate(requests, progress)
+
+    def _answer(self, request: GenerationRequest) -> GenerationResult:
+        if request.continuation or "What you noticed about this person" not in request.messages[0]["content"]:
+            return super()._answer(request)
+        if str(request.id).endswith("~refine1"):
+            return GenerationResult(using_the_reflection(self.PLAIN, request), 20, "stop", request.id)
+        if str(request.id).endswith("~refine2"):
+            return GenerationResult(LOOP, 64, "length", request.id)
+        return GenerationResult(self.PLAIN, 12, "stop", request.id)
+
+
+def test_several_refinements_pick_the_one_that_uses_the_reflection(tmp_path: Path, tokenizer) -> None:
+    config = _config(tmp_path)
+    config.evolve.refinement_samples = 3
+    config.evolve.filters.require_reflection_use = False  # so the choice, not the filter, decides
+    generator = SampledRefinements()
+    store = PairStore(tmp_path / "pairs.jsonl")
+    summary = generate_pairs(config, 1, generator, tokenizer, store, chunk_size=6, detector=NoRiskDetector())
+    # one batched call for every context's three candidates, each with its own reproducible seed
+    assert generator.refinement_calls == 1 and len(generator.refinement_requests) == 18
+    seeds = [r.seed for r in generator.refinement_requests]
+    assert None not in seeds and len(set(seeds)) == 1 + 2 * 6  # the first candidates keep y's old shared seed
+    records = list(store.read())
+    for record in records:
+        choice = record.checks["refinement"]
+        assert choice["candidates"] == 3 and choice["keepable"] <= 2  # the loop is never keepable
+        if choice["using_reflection"]:  # the situation parsed: the candidate naming it wins
+            assert choice["picked"] == 1 and record.chosen.startswith(SampledRefinements.PLAIN + " You mentioned")
+            assert record.checks["reflection_use"]
+        else:  # nothing to use: equally good, so the first
+            assert choice["picked"] == 0 and record.chosen == SampledRefinements.PLAIN
+    picked_other = sum(r.checks["refinement"]["picked"] != 0 for r in records)
+    assert 0 < picked_other < 6
+    assert summary["checks"]["refinement_picked_other_rate"] == round(picked_other / 6, 4)
+
+
+def test_one_refinement_is_the_loop_as_before(tmp_path: Path, tokenizer) -> None:
+    generator = SampledRefinements()
+    store = PairStore(tmp_path / "pairs.jsonl")
+    summary = generate_pairs(_config(tmp_path), 1, generator, tokenizer, store, detector=NoRiskDetector())
+    assert [r.id for r in generator.refinement_requests] == [r.sample_id for r in store.read()]
+    assert all("refinement" not in r.checks for r in store.read())
+    assert "refinement_picked_other_rate" not in summary["checks"]

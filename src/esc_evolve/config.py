@@ -380,6 +380,13 @@ class EvolveSettings(StrictModel):
         "the draft, see docs/evolve.md).",
     )
     refine_top_p: float = Field(0.9, gt=0.0, le=1.0)
+    refinement_samples: int = Field(
+        1,
+        ge=1,
+        description="Sampled refinements y' per context; the pair takes the best by the judge-free rule of "
+        "evolve/selection.py: one that passes the pair filters, then the one using most of the reflection, then the "
+        "one closest to y in length (docs/evolve.md). 1 = one y', the method as written.",
+    )
     filters: ReflectionFilters = ReflectionFilters()
     reflection: Literal["generated", "oracle", "none"] = Field(
         "generated",

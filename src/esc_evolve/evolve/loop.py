@@ -27,7 +27,7 @@ from esc_evolve.data.prompts import build_messages, encode_prompt
 from esc_evolve.data.schema import Turn
 from esc_evolve.errors import ConfigError
 from esc_evolve.evolve.exemplars import Exemplar, for_context, load_exemplars, probe_samples
-from esc_evolve.evolve.filters import decide_pair, edit_ratio, reflection_offer
+from esc_evolve.evolve.filters import PairDecision, decide_pair, edit_ratio, reflection_offer
 from esc_evolve.evolve.grounding import Grounder
 from esc_evolve.evolve.pairs import PairRecord, PairStore, sample_seed
 from esc_evolve.evolve.principles import Principles, ReflectionField, load_principles
@@ -42,6 +42,7 @@ from esc_evolve.evolve.reflection import (
     parse_field,
     reflection_messages,
 )
+from esc_evolve.evolve.selection import pick_refinement, selection_record
 from esc_evolve.generation.types import GenerationRequest, GenerationResult, Generator
 from esc_evolve.safety.detector import RiskDetector, default_detector
 
@@ -181,32 +182,42 @@ class Refined:
     draft: GenerationResult  # y
     reflection: Reflection
     refine_system: str
-    refined: GenerationResult  # y'
+    candidates: tuple[GenerationResult, ...]  # the sampled y' (evolve.refinement_samples)
+    refined: GenerationResult  # y': the first candidate until `choose_refinement` picks one
 
 
 def refine_chunk(job: PairJob, generator: Generator, chunk: Sequence[TurnSample]) -> list[Refined]:
-    """M_t answers each context, reflects (as `evolve.reflection` says) and writes y', all batched."""
-    settings = job.settings
+    """M_t answers each context, reflects (as `evolve.reflection` says) and writes n candidate y', all batched."""
     prompts = [build_messages(s.context, job.system_prompt) for s in chunk]
     drafts = generator.generate(
         [draft_request(p, s, job.seed + job.iteration) for p, s in zip(prompts, chunk, strict=True)]
     )
     reflections = _reflect(generator, job, chunk, [d.text for d in drafts])
     refine_systems = [_refine_system(job, r, d.text) for r, d in zip(reflections, drafts, strict=True)]
-    refined = generator.generate(
-        [
-            GenerationRequest(
-                messages=build_messages(s.context, rs),
-                temperature=settings.refine_temperature,
-                top_p=settings.refine_top_p,
-                seed=job.seed + job.iteration,
-                id=s.sample_id,
-            )
-            for s, rs in zip(chunk, refine_systems, strict=True)
-        ]
+    n = job.settings.refinement_samples
+    requests = [refine_request(job, s, rs, i) for s, rs in zip(chunk, refine_systems, strict=True) for i in range(n)]
+    results = generator.generate(requests)
+    candidates = [tuple(results[i * n : (i + 1) * n]) for i in range(len(chunk))]
+    return [
+        Refined(sample, prompt, draft, reflection, system, found, found[0])
+        for sample, prompt, draft, reflection, system, found in zip(
+            chunk, prompts, drafts, reflections, refine_systems, candidates, strict=True
+        )
+    ]
+
+
+def refine_request(job: PairJob, sample: TurnSample, refine_system: str, index: int) -> GenerationRequest:
+    """The `index`-th sampled y' of a context. The first is seeded as y' always was (so one sample gives the pairs
+    it gave before); the others by their own id, the same in any chunk or shard."""
+    settings, seed = job.settings, job.seed + job.iteration
+    request_id = sample.sample_id if index == 0 else f"{sample.sample_id}~refine{index}"
+    return GenerationRequest(
+        messages=build_messages(sample.context, refine_system),
+        temperature=settings.refine_temperature,
+        top_p=settings.refine_top_p,
+        seed=seed if index == 0 else sample_seed(seed, request_id),
+        id=request_id,
     )
-    items = zip(chunk, prompts, drafts, reflections, refine_systems, refined, strict=True)
-    return [Refined(*item) for item in items]
 
 
 def draft_request(prompt: list[dict[str, str]], sample: TurnSample, seed: int) -> GenerationRequest:
@@ -229,7 +240,8 @@ def answer_with_refinement(
     done: list[Refined] = []
     for start in range(0, len(samples), chunk_size):
         done += refine_chunk(job, generator, samples[start : start + chunk_size])
-    return done
+    # With several y', the same rule as the loop's picks one (the safety layer answers at-risk seekers in use).
+    return [dataclasses.replace(item, refined=choose_refinement(job, item, item.draft, False)[0]) for item in done]
 
 
 def _refine_system(job: PairJob, reflection: Reflection, draft: str) -> str:
@@ -388,20 +400,9 @@ def _record(
     anchor_model: str | None = None,
 ) -> PairRecord:
     """The pair (y', y) of one context; `anchor`, when given, is the rejected side instead of M_t's draft."""
-    sample, draft, refined = item.sample, item.draft, item.refined
+    sample, draft = item.sample, item.draft
     rejected = anchor or draft
-    reflected = job.settings.reflection != "none"
-    decision = decide_pair(
-        refined.text,
-        rejected.text,
-        reflection_parsed=item.reflection.parsed,
-        chosen_finish=refined.finish_reason,
-        rejected_finish=rejected.finish_reason,
-        filters=job.settings.filters,
-        seeker_at_risk=seeker_at_risk,
-        seeker_texts=seeker_texts(sample.context),
-        offer=reflection_offer(item.reflection, job.principles) if reflected else None,
-    )
+    refined, decision = choose_refinement(job, item, rejected, seeker_at_risk)
     return PairRecord(
         sample_id=sample.sample_id,
         iteration=job.iteration,
@@ -427,6 +428,35 @@ def _record(
         draft=draft.text.strip() if anchor is not None else None,
         checks=decision.checks,
     )
+
+
+def choose_refinement(
+    job: PairJob, item: Refined, rejected: GenerationResult, seeker_at_risk: bool
+) -> tuple[GenerationResult, PairDecision]:
+    """The candidate y' the pair takes and the filters' decision on it (evolve/selection.py: with one candidate,
+    that one). With several, the decision's checks record the choice under `refinement`."""
+    reflected = job.settings.reflection != "none"
+    offer = reflection_offer(item.reflection, job.principles) if reflected else None
+    decisions = [
+        decide_pair(
+            candidate.text,
+            rejected.text,
+            reflection_parsed=item.reflection.parsed,
+            chosen_finish=candidate.finish_reason,
+            rejected_finish=rejected.finish_reason,
+            filters=job.settings.filters,
+            seeker_at_risk=seeker_at_risk,
+            seeker_texts=seeker_texts(item.sample.context),
+            offer=offer,
+        )
+        for candidate in item.candidates
+    ]
+    if len(decisions) == 1:
+        return item.candidates[0], decisions[0]
+    picked = pick_refinement([c.text for c in item.candidates], rejected.text, decisions)
+    decision = decisions[picked]
+    decision.checks["refinement"] = selection_record(picked, decisions)
+    return item.candidates[picked], decision
 
 
 def summarise(store: PairStore, iteration: int) -> dict[str, Any]:

@@ -5,8 +5,8 @@ no prompt and no filter ever reads: these numbers are reported, never used to se
 a situation that names nothing the seeker said, a profile or critique that repeats M_t's answer for an unrelated
 conversation, and, measured after the fact over the whole iteration, answers said near-verbatim to many contexts
 (`recurrence`: the symptom the probes are meant to catch within the loop).
-Check statistics say how often y' used the reflection, how often a side spoke as the seeker, and whether the kept
-y' are shorter than y (what DPO would learn as "better").
+Check statistics say how often y' used the reflection, how often a side spoke as the seeker, whether the kept
+y' are shorter than y (what DPO would learn as "better"), and, with several sampled y', how the choice went.
 """
 
 from __future__ import annotations
@@ -101,6 +101,21 @@ def check_statistics(records: Sequence[PairRecord]) -> dict[str, Any]:
         "kept_mean_word_difference": round(mean(len(words(r.chosen)) - len(words(r.rejected)) for r in kept), 2)
         if kept
         else None,
+        **refinement_statistics(records),
+    }
+
+
+def refinement_statistics(records: Sequence[PairRecord]) -> dict[str, Any]:
+    """With several sampled y' per context (evolve.refinement_samples): how often the rule picked another than the
+    first, and the mean number of candidates the filters would keep and that used the reflection. Empty otherwise."""
+    chosen = [r.checks["refinement"] for r in records if r.checks and r.checks.get("refinement")]
+    if not chosen:
+        return {}
+    return {
+        "refinement_candidates": max(c["candidates"] for c in chosen),
+        "refinement_picked_other_rate": _share(c["picked"] != 0 for c in chosen),
+        "refinement_keepable_mean": round(mean(c["keepable"] for c in chosen), 2),
+        "refinement_using_reflection_mean": round(mean(c["using_reflection"] for c in chosen), 2),
     }
 
 

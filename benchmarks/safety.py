@@ -30,10 +30,11 @@ from pathlib import Path
 from unittest import mock
 
 import numpy as np
+import torch
 
 from esc_evolve.data.loaders import load_conversations
 from esc_evolve.safety import detector as detector_module
-from esc_evolve.safety.dataset import load_risk_examples
+from esc_evolve.safety.dataset import esconv_negatives, load_risk_examples
 from esc_evolve.safety.detector import RiskDetector, default_detector
 from esc_evolve.safety.model import fine_tune
 
@@ -53,6 +54,9 @@ def choose_thresholds(train) -> dict:
         dev_ids |= set(rng.permutation(ids)[: len(ids) // 5].tolist())
     fit = [e for e in train if e.id not in dev_ids]
     dev = [e for e in train if e.id in dev_ids]
+    esconv_train = detector_module.esconv_train_file()
+    if esconv_train:  # the same extra negatives as the packaged detector (ESConv train, never valid)
+        fit += esconv_negatives(esconv_train, detector_module.ESCONV_NEGATIVES)
     model = fine_tune(packaged_model_dir(), fit)
     return {
         str(t): scores(dev, RiskDetector(model, at_risk_threshold=t).assess_many([e.text for e in dev])) for t in SWEEP
@@ -148,6 +152,12 @@ def main() -> None:
     }
     if args.choose_thresholds:
         result["threshold_sweep_on_train_dev"] = choose_thresholds(train)
+    esconv_train = detector_module.esconv_train_file()
+    result["trained_on"] = {
+        "labelled_train_split": len(train),
+        "esconv_train_negatives": detector_module.ESCONV_NEGATIVES if esconv_train else 0,
+        "esconv_train_file": str(esconv_train) if esconv_train else None,
+    }
     detector = default_detector()
     result["thresholds"] = {"at_risk": detector.at_risk_threshold, "urgent": detector.urgent_threshold}
     test_assessed = detector.assess_many([e.text for e in test])
@@ -171,7 +181,11 @@ def main() -> None:
         }
         write_flagged(flagged)
     times = latency_ms(detector, [e.text for e in test[:100]])
-    result["latency_ms"] = {"mean": round(statistics.mean(times), 2), "p95": round(float(np.percentile(times, 95)), 2)}
+    result["latency_ms"] = {
+        "mean": round(statistics.mean(times), 2),
+        "p95": round(float(np.percentile(times, 95)), 2),
+        "torch_threads": torch.get_num_threads(),
+    }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "safety.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     for threshold, row in result.get("threshold_sweep_on_train_dev", {}).items():

@@ -8,6 +8,7 @@ categories for an at-risk message; the hard-negative type for a `none` one), `pe
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -82,3 +83,46 @@ def _example(record: dict) -> RiskExample:
         form=str(record.get("form", "plain")),
         person=str(record.get("person", "first")),
     )
+
+
+# ESConv seeker turns are used as extra negatives only when they are clearly not about risk: a turn with any of these
+# words is left out (some ESConv seekers do speak of suicide, abuse or self-harm), and so is every turn of a
+# conversation whose situation does. Broad on purpose: a left-out ordinary turn costs nothing, a risk turn labelled
+# `none` would teach the classifier to miss it.
+_RISK_WORDS = re.compile(
+    r"suicid|kill|\bdie\b|\bdied\b|dying|\bdead\b|death|end (it|my|this|everything)|ending|my life|self.?harm"
+    r"|hurt|harm|\bcut|pills?\b|tablets|overdose|\bod\b|hopeless|burden|give up|giving up|no point|pointless|worthless"
+    r"|can'?t (go on|take|do this|cope)|not worth|\bguns?\b|rope|jump|bridge|abus|\bhit|beat|threat|violen|scared of"
+    r"|afraid of|alive|exist|disappear|goodbye|unalive|\bkms\b|nothing left|no way out|tired of (living|life)"
+    r"|want out|escape|sleep forever|(not|never|n.t) wake up|drink|drunk|alcohol|drug|weapon|knife|blade|blood"
+    r"|police|safe\b|danger",
+    re.IGNORECASE,
+)
+
+
+def esconv_negatives(path: str | Path, limit: int, seed: int = 0) -> list[RiskExample]:
+    """Up to `limit` ESConv seeker turns with no risk word, in no conversation whose situation has one, as `none`
+    training examples (an optional extra: ESConv is CC BY-NC, read from the user's copy, never shipped).
+
+    ESConv seekers talk about sleep, loneliness, conflict at home, depression and "tonight" without risk: the turns
+    the classifier alone flagged most in ESConv valid. Only a train split may be passed (never valid or test).
+    """
+    import random
+
+    from esc_evolve.data.loaders import load_conversations
+
+    if any(word in Path(path).name.lower() for word in ("valid", "dev", "test")):
+        raise ValueError(f"{path}: only a train split may add negatives (valid and test measure the detector)")
+    candidates = []
+    for conv in load_conversations(path).conversations:
+        if _RISK_WORDS.search(conv.profile.situation or ""):
+            continue
+        for index, turn in enumerate(conv.turns):
+            text = turn.text.strip()
+            if turn.speaker == "seeker" and len(text.split()) >= 3 and not _RISK_WORDS.search(text):
+                candidates.append((f"esconv:{conv.id}:{index}", text))
+    unique = list({text.lower(): (key, text) for key, text in candidates}.values())
+    chosen = random.Random(seed).sample(unique, min(limit, len(unique)))
+    return [
+        RiskExample(id=key, text=text, level="none", categories=("esconv_turn",), split="train") for key, text in chosen
+    ]

@@ -15,6 +15,7 @@ import functools
 import hashlib
 import json
 import logging
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -23,7 +24,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from esc_evolve.safety.dataset import RISK_CATEGORIES, Level, RiskExample, load_risk_examples
+from esc_evolve.safety.dataset import RISK_CATEGORIES, Level, RiskExample, esconv_negatives, load_risk_examples
 from esc_evolve.safety.rules import URGENT_RULES, risk_rule_categories
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,9 @@ URGENT_THRESHOLD = 0.5
 WINDOW_SENTENCES = 2
 MIN_WORDS_TO_SPLIT = 25
 SHORT_REPLY_WORDS = 6
+# ESConv train seeker turns added as negatives when the user opts in (see `esconv_train_file`).
+ESCONV_ENV = "ESC_EVOLVE_SAFETY_ESCONV"
+ESCONV_NEGATIVES = 2000
 
 _SENTENCE = re.compile(r"(?<=[.!?])\s+|\n+")
 
@@ -162,12 +166,31 @@ def load_or_train(examples: Sequence[RiskExample], cache_dir: Path, progress: bo
     return model
 
 
+def esconv_train_file() -> Path | None:
+    """The ESConv *train* file whose seeker turns add negatives, or None (the default): only where the user asks for
+    it with `$ESC_EVOLVE_SAFETY_ESCONV=PATH`. Opt-in because it trades recall for fewer false alarms on real chat
+    (docs/safety.md, "Measured"): a crisis detector's default keeps recall."""
+    setting = os.environ.get(ESCONV_ENV, "").strip()
+    return None if setting.lower() in ("", "off", "0", "none") else Path(setting).expanduser()
+
+
+def training_examples(esconv_train: Path | None) -> list[RiskExample]:
+    """The packaged train split, plus `ESCONV_NEGATIVES` ESConv train seeker turns as negatives when a file is given."""
+    examples = load_risk_examples(split="train")
+    if esconv_train is not None:
+        examples += esconv_negatives(esconv_train, ESCONV_NEGATIVES)
+    return examples
+
+
 @functools.cache
 def default_detector(cache_dir: Path | None = None) -> RiskDetector:
-    """The packaged detector: MiniLM fine-tuned on the packaged train split (trained once per machine)."""
+    """The packaged detector: MiniLM fine-tuned on the packaged train split (plus ESConv train seeker turns as
+    negatives where the user opts in, `esconv_train_file`); trained once per machine and setting, cached."""
     from esc_evolve.evaluation.embedding import default_cache_dir
 
-    return RiskDetector(load_or_train(load_risk_examples(split="train"), cache_dir or default_cache_dir()))
+    esconv = esconv_train_file()
+    log.info("risk detector: %s", f"with negatives from {esconv}" if esconv else "packaged labelled set only")
+    return RiskDetector(load_or_train(training_examples(esconv), cache_dir or default_cache_dir()))
 
 
 def assess(text: str, history: Sequence[str] | None = None) -> RiskAssessment:

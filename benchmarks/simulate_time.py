@@ -11,8 +11,8 @@ batches of 16, nothing kept between calls, transformers' sorting top-p warper.
     .venv/bin/python benchmarks/simulate_time.py --cards 67 --turns 6 --threads 1     # ~13 min on one core
     .venv/bin/python benchmarks/simulate_time.py --cards 16 --turns 6 --threads 1 --engine-before
 
-Output: benchmarks/results/simulate_time[-before].json (per call and totals; no text), and as the last line
-`cpu_s_per_model=`.
+Output: benchmarks/results/simulate_time[-before].json (per call and totals; no text), `cpu_s_per_model=` and
+the number of end ratings parsed; `--transcripts FILE` also writes the dialogues (JSONL, as transcripts.jsonl).
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def main() -> None:
     supporter = Timed(build_generator(config.model, config.generation, args.model, seed=config.run.seed), "supporter")
     started, cpu = time.perf_counter(), time.process_time()
     with tuned_for_dialogues(config.simulate, len(cards), supporter, seeker):
-        roll_out(
+        dialogues = roll_out(
             cards,
             Supporter("m", "m", lambda: supporter, config.data.system_prompt),
             supporter,
@@ -69,6 +69,9 @@ def main() -> None:
             seed=config.run.seed,
         )
     report(args, simulator.description, [supporter, seeker], time.perf_counter() - started, time.process_time() - cpu)
+    print(f"ratings_parsed={sum(d.rating is not None and d.rating.status == 'ok' for d in dialogues)}/{len(dialogues)}")
+    if args.transcripts:
+        Path(args.transcripts).write_text("".join(d.model_dump_json() + "\n" for d in dialogues), encoding="utf-8")
 
 
 class Timed(Generator):
@@ -148,6 +151,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--turns", type=int, default=6)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--engine-before", action="store_true", help="The engine before the speed-ups.")
+    parser.add_argument("--transcripts", default=None, help="Also write the dialogues here (JSONL), to read them.")
     parser.add_argument("--set", action="append", default=[], help="Config override KEY=VALUE (repeatable).")
     return parser.parse_args()
 

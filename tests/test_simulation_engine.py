@@ -165,9 +165,10 @@ def test_a_real_simulation_gives_the_same_transcripts_with_kept_prompts_and_when
 # The simulator's precision
 
 
-@pytest.mark.parametrize(("native", "expected"), [(True, "bfloat16"), (False, "float32")])
-def test_auto_simulator_precision_is_bf16_only_where_the_cpu_has_it(monkeypatch, native, expected):
-    monkeypatch.setattr("esc_evolve.training.settings.cpu_has_native_bf16", lambda: native)
+@pytest.mark.parametrize(("amx", "expected"), [(True, "bfloat16"), (False, "float32")])
+def test_auto_simulator_precision_is_bf16_only_where_the_cpu_has_amx(monkeypatch, amx, expected):
+    # Not on AVX512-BF16 alone: there bf16 prefill was slower than fp32 (docs/simulation.md, "Time").
+    monkeypatch.setattr("esc_evolve.simulation.simulator.cpu_has_amx", lambda: amx)
     model = ModelSettings(device="cpu", dtype="float32")
     assert simulator_dtype(SimulateSettings(), model) == expected
     assert simulator_dtype(SimulateSettings(dtype="float32"), model) == "float32"

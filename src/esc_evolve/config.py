@@ -603,7 +603,8 @@ class SimulateSettings(StrictModel):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto",
         description="local: the SIMULATOR's precision only (the models under test keep model.dtype). 'auto' = "
-        "bfloat16 on a CPU with native bf16 (AVX512-BF16/AMX), else model.dtype's choice (docs/simulation.md).",
+        "bfloat16 on a CPU with AMX, else model.dtype's choice (fp32 on other CPUs: with AVX512-BF16 alone, bf16 "
+        "prefill was slower; docs/simulation.md).",
     )
     batch_size: int | None = Field(
         64,

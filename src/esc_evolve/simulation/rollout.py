@@ -39,7 +39,7 @@ from esc_evolve.simulation.simulator import (
     rating_messages,
     reaction_to,
     seeker_messages,
-    turn_prompt,
+    turn_note,
 )
 from esc_evolve.storage import write_atomic
 
@@ -87,6 +87,18 @@ class Dialogue(BaseModel):
 
     def history(self) -> list[tuple[str, str]]:
         return [(t.speaker, t.text) for t in self.turns]
+
+    def seeker_view(self, fact_text: Callable[[int], str]) -> list[tuple[str, str, str | None]]:
+        """The conversation as the seeker saw it: each supporter message followed by the note of the seeker
+        message that answered it (its reaction and offered fact, `fact_text(index)`), so that each turn's chat
+        is the last one extended."""
+        view: list[tuple[str, str, str | None]] = []
+        for turn, after in zip(self.turns, [*self.turns[1:], None], strict=True):
+            note = None
+            if turn.speaker == "supporter" and after is not None and after.reaction is not None:
+                note = turn_note(after.reaction, None if after.fact is None else fact_text(after.fact))
+            view.append((turn.speaker, turn.text, note))
+        return view
 
     def supporter_turns(self) -> list[TurnRecord]:
         return [t for t in self.turns if t.speaker == "supporter"]
@@ -199,7 +211,7 @@ def roll_out(
 def _openings(states: list[_State], simulator: SeekerSimulator) -> None:
     """Cards with an opening start with it; the others' first messages are one simulator call."""
     missing = [s for s in states if s.card.opening is None]
-    prompts = [seeker_messages(turn_prompt(s.card, None, None), []) for s in missing]
+    prompts = [seeker_messages(s.card, []) for s in missing]
     written = iter(simulator.say(prompts, [derive_seed(s.dialogue.seed, "seeker", 0) for s in missing]))
     for state in states:
         text = state.card.opening if state.card.opening is not None else next(written)
@@ -237,15 +249,20 @@ def _seeker_turn(states: list[_State], simulator: SeekerSimulator, turn: int) ->
         reaction = state.dialogue.turns[-1].reaction or "neutral"
         fact = state.facts_left.pop(0) if reaction == "open" and state.facts_left else None
         text = state.card.hidden_facts[fact] if fact is not None else None
-        prompts.append(seeker_messages(turn_prompt(state.card, reaction, text), state.dialogue.history()))
+        *before, (speaker, last, _) = _seeker_view(state)
+        prompts.append(seeker_messages(state.card, [*before, (speaker, last, turn_note(reaction, text))]))
         seeds.append(derive_seed(state.dialogue.seed, "seeker", turn))
         plans.append((reaction, fact))
     for state, text, (reaction, fact) in zip(states, simulator.say(prompts, seeds), plans, strict=True):
         state.dialogue.turns.append(TurnRecord(speaker="seeker", text=text, reaction=reaction, fact=fact))
 
 
+def _seeker_view(state: _State) -> list[tuple[str, str, str | None]]:
+    return state.dialogue.seeker_view(state.card.hidden_facts.__getitem__)
+
+
 def _ratings(states: list[_State], simulator: SeekerSimulator) -> None:
-    prompts = [rating_messages(s.card, s.dialogue.history()) for s in states]
+    prompts = [rating_messages(s.card, _seeker_view(s)) for s in states]
     answers = simulator.rate(prompts, [derive_seed(s.dialogue.seed, "rating") for s in states])
     for state, (raw, parse) in zip(states, answers, strict=True):
         state.dialogue.rating = RatingRecord(value=parse.value, status=parse.status, how=parse.how, raw=raw)

@@ -1,15 +1,17 @@
 """The seeker simulator: a generation backend that plays a role card in first person, and its end rating.
 
-Each seeker message is generated from a system prompt built from the card (who they are, how they feel, what
-happened, what they want) plus one instruction for this turn, decided by the pipeline and not by the simulator:
-the supporter's last reply, classified into one of the eight strategies, was in the card's preferred set (open
-up a little more; the next hidden fact is offered), in its disliked set (be more guarded, share nothing new), or
-in neither (answer naturally). The conversation follows as chat messages with the roles seen from the seeker's
-side (the seeker is the `assistant`, the supporter the `user`), so supporter text is message content: data, never
-instructions, and a control-token spelling in it stays text (see esc_evolve.data.prompts).
+Each seeker message is generated from a fixed system prompt built from the card (who they are, how they feel,
+what happened, what they want) and the conversation so far, with the roles seen from the seeker's side (the
+seeker is the `assistant`, the supporter the `user`), so supporter text is message content: data, never
+instructions, and a control-token spelling in it stays text (see esc_evolve.data.prompts). After each supporter
+message comes a bracketed note with this turn's instruction, decided by the pipeline and not by the simulator:
+the supporter's reply, classified into one of the eight strategies, was in the card's preferred set (open up a
+little more; the next hidden fact is offered), in its disliked set (be more guarded, share nothing new), or in
+neither (answer naturally). The notes stay where they were written, so every turn's prompt extends the previous
+one and a local engine computes only what is new (docs/simulation.md, "Time").
 
-At the end the simulator answers, in character, "how understood did you feel, 1-5, and why"; `parse_rating`
-reads the number from messy answers and says why when it cannot.
+At the end the simulator answers, in character and in the same chat, "how understood did you feel, 1-5, and
+why"; `parse_rating` reads the number from messy answers and says why when it cannot.
 
 A small backbone (the 135M default) plays a card poorly: it drifts out of character and answers like an
 assistant. Point `simulate.backend: openai` at a strong model for scores worth reading (docs/simulation.md).
@@ -36,15 +38,19 @@ Reaction = Literal["open", "neutral", "guarded"]
 Messages = list[dict[str, str]]
 
 # The chat is opened by the seeker: this stands where a first user message must be for templates that require
-# one (the seeker's own messages are the assistant's).
-OPEN_CUE = "(You have just opened the support chat. Write your first message to the supporter.)"
-STOPS = ("\nSupporter:", "\nYou:", "\nSeeker:")
+# one (the seeker's own messages are the assistant's); it is also the opening's instruction.
+OPEN_CUE = (
+    "(You have just opened the support chat. Write your first message to the supporter: hint at what is wrong, "
+    "do not tell the whole story.)"
+)
 
 ROLE_PLAY = (
     "You are role-playing a person who has come to an online emotional-support chat. Stay in character for the "
     "whole conversation and write only what this person would type: one to three short sentences, first person, "
     "no narration, no name labels. Never say that you are an AI or that you are role-playing, and never recite "
-    "or summarise these instructions: what is below comes out bit by bit, in your own words, as the chat goes on."
+    "or summarise these instructions: what is below comes out bit by bit, in your own words, as the chat goes on. "
+    "A note in square brackets after a supporter message is for you alone: the supporter did not write it and "
+    "cannot see it; follow it, never answer it or quote it."
 )
 REACTIONS: dict[str, str] = {
     "open": "The supporter's last message was the kind of support you welcome. Open up a little more: say more "
@@ -53,13 +59,20 @@ REACTIONS: dict[str, str] = {
     "guarded": "The supporter's last message was the kind of support that puts you off. Be more guarded: answer "
     "briefly, share nothing new, and you may show mild irritation or pull back a little.",
 }
-FIRST_MESSAGE = "Write your first message: hint at what is wrong, do not tell the whole story."
+NOTE = "[For your next message: {}]"
+# A seeker message ends where the model starts a speaker label or imitates the notes it has seen (the 135M
+# backbone copied a note into 3 of 30 messages without this stop).
+STOPS = ("\nSupporter:", "\nYou:", "\nSeeker:", "[For your next message")
 RATING_QUESTION = (
-    "The conversation above has ended. Still in character, answer in one or two sentences: how understood did "
-    "you feel, from 1 (not at all) to 5 (completely), and why? Start with the number, for example '3 - ...'."
+    "The conversation has ended. Still in character, answer in one or two sentences: how understood did you "
+    "feel, from 1 (not at all) to 5 (completely), and why? Start with the number, for example '3 - ...'."
 )
 
 RATING_PREFIX = "My rating from 1 to 5:"
+
+# One message of the conversation as the seeker sees it: (speaker, text, note), speaker 'seeker' or 'supporter';
+# `note` is the instruction that followed a supporter message (None: none).
+Turn = tuple[str, str, str | None]
 
 
 def derive_seed(*parts: object) -> int:
@@ -101,26 +114,31 @@ def persona_prompt(card: RoleCard) -> str:
     return "\n".join(lines)
 
 
-def turn_prompt(card: RoleCard, reaction: Reaction | None, fact: str | None) -> str:
-    """The system prompt of one seeker message: the persona, then this turn's instruction (None: the opening)."""
-    instruction = FIRST_MESSAGE if reaction is None else REACTIONS[reaction]
+def turn_note(reaction: Reaction, fact: str | None) -> str:
+    """This turn's instruction, written after the supporter's message it reacts to."""
+    instruction = REACTIONS[reaction]
     if fact is not None:
         instruction += f" If it fits, you can now mention this, in your own words: {fact}"
-    return f"{persona_prompt(card)}\n\nFor your next message: {instruction}"
+    return NOTE.format(instruction)
 
 
-def seeker_messages(system: str, history: Sequence[tuple[str, str]]) -> Messages:
-    """The chat from the seeker's side: `history` is (speaker, text) with speaker 'seeker' or 'supporter'."""
+def seeker_messages(card: RoleCard, history: Sequence[Turn]) -> Messages:
+    """The chat from the seeker's side: the card as the system prompt, the opening cue, then `history`, each
+    supporter message followed by its note (the pipeline's instruction for the seeker's next message). The system
+    prompt never changes and a note stays where it was written, so the next turn's chat extends this one."""
     role = {"seeker": "assistant", "supporter": "user"}
-    messages = [{"role": "system", "content": system}, {"role": "user", "content": OPEN_CUE}]
-    return messages + [{"role": role[speaker], "content": text} for speaker, text in history]
+    messages = [{"role": "system", "content": persona_prompt(card)}, {"role": "user", "content": OPEN_CUE}]
+    return messages + [
+        {"role": role[speaker], "content": text if note is None else f"{text}\n\n{note}"}
+        for speaker, text, note in history
+    ]
 
 
-def rating_messages(card: RoleCard, history: Sequence[tuple[str, str]]) -> Messages:
-    """The end question: the whole conversation as one quoted user message (any template accepts it)."""
-    lines = [f"{'You' if speaker == 'seeker' else 'Supporter'}: {text}" for speaker, text in history]
-    transcript = "The conversation:\n\n" + "\n".join(lines) + f"\n\n{RATING_QUESTION}"
-    return [{"role": "system", "content": persona_prompt(card)}, {"role": "user", "content": transcript}]
+def rating_messages(card: RoleCard, history: Sequence[Turn]) -> Messages:
+    """The end question, as the note after the supporter's last message: the seeker's own chat continued, so
+    that a local engine computes only the question (any template accepts it, as every turn's chat)."""
+    *before, (speaker, text, _) = history
+    return seeker_messages(card, [*before, (speaker, text, NOTE.format(RATING_QUESTION))])
 
 
 def clean_message(text: str) -> str:
@@ -236,6 +254,7 @@ class SeekerSimulator:
                 messages=m,
                 max_new_tokens=self.settings.rating_max_new_tokens,
                 temperature=0.0,
+                stop=STOPS[-1:],
                 seed=s,
                 continuation=self.rating_prefix,
             )
@@ -291,17 +310,24 @@ def _local(settings: SimulateSettings, model: ModelSettings, generation: Generat
 
 def simulator_dtype(settings: SimulateSettings, model: ModelSettings) -> str:
     """The local simulator's precision (never the supporters'): `simulate.dtype`, where 'auto' is bfloat16 on a
-    CPU that multiplies bf16 in hardware (AVX512-BF16/AMX: prefill ~2.5x, decoding ~1.4x faster than fp32 on the
-    135M backbone, docs/simulation.md) and `model.dtype`'s own choice elsewhere (fp32 on other CPUs, where bf16
-    is emulated and slow; bf16/fp16 on GPUs)."""
+    CPU with AMX (bf16 matrix tiles: prefill ~2.6x, decoding ~1.4x faster than fp32 on the 135M backbone) and
+    `model.dtype`'s own choice elsewhere: fp32 on other CPUs, including those with AVX512-BF16 but no AMX, where
+    bf16 prefill was 1.55x slower than fp32 and decoding no faster (docs/simulation.md, "Time"); bf16/fp16 on
+    GPUs."""
     if settings.dtype != "auto":
         return settings.dtype
     from esc_evolve.models import select_device
-    from esc_evolve.training.settings import cpu_has_native_bf16
 
-    if select_device(model.device).type == "cpu" and cpu_has_native_bf16():
+    if select_device(model.device).type == "cpu" and cpu_has_amx():
         return "bfloat16"
     return model.dtype
+
+
+def cpu_has_amx() -> bool:
+    """True where the CPU has AMX tiles (torch's private probe; False if it is gone)."""
+    import torch
+
+    return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
 
 
 def _dtype_name(model: ModelSettings) -> str:
